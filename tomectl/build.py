@@ -1,0 +1,111 @@
+"""Build a reduced model: a recipe (or keyword arguments) -> a timm model with the reduction installed.
+
+This is what every command starts from (compress, export, eval, bench, calibrate), and what the
+Python API exposes as `tomectl.apply` and `tomectl.load`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from torch import nn
+
+from . import models
+from .adapters import adapter_for
+from .errors import UserError
+from .flops import MacsReport, analytic_macs
+from .recipe import Recipe, check_formulation, check_method
+from .reduce import get_method
+from .schedule import Schedule, resolve, token_counts
+
+
+@dataclass
+class Built:
+    loaded: models.LoadedModel
+    recipe: Recipe
+    removed: list[int]  # tokens removed at each block
+    tokens: list[int]  # tokens entering each block, then the final count
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+    def macs(self) -> MacsReport:
+        adapter = adapter_for(self.model)
+        return analytic_macs(adapter.dims(self.model), self.removed, get_method(self.recipe.method),
+                             self.recipe.formulation)
+
+    def base_macs(self) -> MacsReport:
+        adapter = adapter_for(self.model)
+        return analytic_macs(adapter.dims(self.model), [0] * len(self.removed))
+
+
+def plan_for(model: nn.Module, method: str, schedule: Schedule) -> tuple[object, list[int]]:
+    """Resolve `schedule` for `model` (validated against what `method` can remove)."""
+    adapter = adapter_for(model)
+    adapter.check_supported(model)
+    m = get_method(method)
+    removed = resolve(schedule, adapter.num_layers(model), adapter.num_tokens(model),
+                      adapter.protected_tokens(model), m.capacity)
+    return adapter, removed
+
+
+def install(model: nn.Module, method: str, removed: Sequence[int], prop_attn: bool = True,
+            formulation: str = "scatter", track_source: bool = False) -> nn.Module:
+    adapter = adapter_for(model)
+    plan = adapter.ReductionPlan(method=method, removed=tuple(removed), prop_attn=prop_attn,
+                                 formulation=formulation, track_source=track_source)
+    return adapter.install(model, plan)
+
+
+def apply(model: nn.Module, method: str = "tome", r: Optional[int] = None, *, inflect: Optional[float] = None,
+          per_layer: Optional[Sequence[int]] = None, keep: Optional[float] = None, prop_attn: bool = True,
+          formulation: str = "scatter", track_source: bool = False) -> nn.Module:
+    """Install a token reduction into a timm ViT in place and return it.
+
+    >>> model = tomectl.apply(timm.create_model("deit_small_patch16_224", pretrained=True), r=13)
+
+    Exactly one of `r` (with optional `inflect`), `per_layer` or `keep` gives the schedule.
+    """
+    check_method(method)
+    check_formulation(formulation, "formulation")
+    schedule = Schedule.make(r=r, inflect=inflect, per_layer=per_layer, keep=keep)
+    _, removed = plan_for(model, method, schedule)
+    return install(model, method, removed, prop_attn, formulation, track_source)
+
+
+def _weights_from_recipe(recipe: Recipe, weights, random_weights: bool):
+    """CLI flags win; else what the recipe (or artifact) recorded; else the default resolution."""
+    if weights is not None or random_weights:
+        return weights, random_weights, None
+    w = recipe.weights
+    if not w:
+        return None, False, None
+    if w["source"] == "random":
+        return None, True, None
+    if w["source"] in ("file", "dir"):
+        path = Path(w["path"])
+        if not path.is_file():
+            raise UserError(f"the recipe's weights file {path} is gone; pass --weights FILE")
+        return path, False, w.get("sha256")
+    return None, False, None  # hub
+
+
+def build(recipe: Recipe, weights: Optional[str | Path] = None, random_weights: bool = False,
+          track_source: bool = False, **model_kwargs) -> Built:
+    wfile, rnd, sha = _weights_from_recipe(recipe, weights, random_weights)
+    loaded = models.create(recipe.model, weights=wfile, random_weights=rnd, **model_kwargs)
+    if sha and loaded.weights.sha256 and sha != loaded.weights.sha256:
+        raise UserError(
+            f"weights {loaded.weights.path} changed since the artifact was made (sha256 differs); "
+            "pass --weights FILE to use them anyway"
+        )
+    _, removed = plan_for(loaded.model, recipe.method, recipe.schedule)
+    tokens = token_counts(removed, adapter_for(loaded.model).num_tokens(loaded.model))
+    for key, value in (("removed_per_layer", removed), ("tokens_per_layer", tokens)):
+        if key in recipe.resolved and list(recipe.resolved[key]) != value:
+            raise UserError(f"recipe's {key} {recipe.resolved[key]} does not match its schedule ({value})")
+    install(loaded.model, recipe.method, removed, recipe.prop_attn, recipe.formulation, track_source)
+    return Built(loaded=loaded, recipe=recipe, removed=removed, tokens=tokens)

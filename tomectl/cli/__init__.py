@@ -1,0 +1,51 @@
+"""The `tomectl` command line: parses, calls a library function, renders. Nothing else."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from ..errors import UserError
+from . import common
+
+app = typer.Typer(
+    name="tomectl",
+    help="Token merging and pruning for timm Vision Transformers: compress, calibrate, export, bench, eval.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+from . import compress as _compress  # noqa: E402  (registers its commands on `app`)
+
+_compress.register(app)
+
+
+def main(argv=None) -> int:
+    """Entry point: user mistakes become one red line and exit code 2 (tracebacks with --debug)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    if debug:
+        args.remove("--debug")
+    try:
+        rv = app(args=args, prog_name="tomectl", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except UserError as e:
+        if debug:
+            raise
+        common.error(str(e))
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return 2
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        common.error("interrupted; nothing was left half-written")
+        return 130
+
+
+def _entry() -> None:  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""`tomectl compress` and `tomectl inspect` as library functions returning plain results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from . import __version__
+from .adapters import adapter_for
+from .artifact import RECIPE, SUMMARY, atomic_dir, recipe_document, write_json, write_yaml
+from .build import Built, build
+from .flops import measured_macs
+from .models import check_name, preprocessing
+from .provenance import machine, now, versions
+from .recipe import Recipe
+
+
+@dataclass
+class ModelReport:
+    model: str
+    family: str
+    method: str
+    schedule: str
+    removed_per_layer: list[int]
+    tokens_per_layer: list[int]
+    params: int
+    gmacs_base: float
+    gmacs: float
+    gmacs_measured: Optional[float] = None
+    weights: dict = field(default_factory=dict)
+    out: Optional[str] = None
+
+    @property
+    def ratio(self) -> float:
+        return self.gmacs / self.gmacs_base
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["gmacs_ratio"] = round(self.ratio, 4)
+        return d
+
+
+def report(built: Built, measure: bool = True) -> ModelReport:
+    model = built.model
+    recipe = built.recipe
+    measured = None
+    if measure:
+        measured = measured_macs(model, preprocessing(model)["input_size"]) / 1e9
+    return ModelReport(
+        model=recipe.model,
+        family=check_name(recipe.model),
+        method=recipe.method,
+        schedule=recipe.schedule.describe(),
+        removed_per_layer=built.removed,
+        tokens_per_layer=built.tokens,
+        params=sum(p.numel() for p in model.parameters()),
+        gmacs_base=built.base_macs().gmacs,
+        gmacs=built.macs().gmacs,
+        gmacs_measured=measured,
+        weights=built.loaded.weights.to_dict(),
+    )
+
+
+def inspect(recipe: Recipe, weights=None, random_weights: bool = True) -> ModelReport:
+    """Describe a model under a schedule; random weights by default (no weights are needed)."""
+    return report(build(recipe, weights=weights, random_weights=random_weights), measure=False)
+
+
+def compress(recipe: Recipe, out: str | Path, weights=None, random_weights: bool = False,
+             force: bool = False) -> ModelReport:
+    """Build the reduced model, measure it, and write the artifact directory atomically."""
+    with atomic_dir(out, force=force) as tmp:
+        built = build(recipe, weights=weights, random_weights=random_weights)
+        rep = report(built, measure=True)
+        adapter = adapter_for(built.model)
+        write_yaml(tmp / RECIPE, recipe_document(recipe, built.removed, built.tokens, rep.weights, __version__))
+        summary = rep.to_dict()
+        summary.update(
+            protected_tokens=adapter.protected_tokens(built.model),
+            options=recipe.options,
+            preprocessing=preprocessing(built.model),
+            versions=versions(),
+            machine=machine(),
+            created=now(),
+        )
+        summary.pop("out", None)
+        write_json(tmp / SUMMARY, summary)
+    rep.out = str(out)
+    return rep

@@ -1,0 +1,127 @@
+"""Recipes: model + method + schedule, as YAML. Artifacts store the same format, resolved.
+
+    model: deit_small_patch16_224
+    method: tome
+    schedule: {r: 13}                  # see schedule.py for the four shapes
+    options: {prop_attn: true, formulation: scatter}
+    weights: path/to/file.safetensors  # optional; or {source, path, sha256} as artifacts write it
+
+An artifact's recipe.yaml adds what compress resolved (``removed_per_layer``, ``tokens_per_layer``,
+``tomectl_version``); when read back these are checked against a fresh resolution.
+Unknown keys and bad values are refused with the key's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import UserError
+from .reduce import FORMULATIONS, METHODS
+from .schedule import Schedule
+
+TOP_KEYS = ("model", "method", "schedule", "options", "weights")
+RESOLVED_KEYS = ("removed_per_layer", "tokens_per_layer", "tomectl_version")
+OPTION_KEYS = ("prop_attn", "formulation")
+WEIGHTS_KEYS = ("source", "path", "sha256")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: str
+    schedule: Schedule
+    method: str = "tome"
+    prop_attn: bool = True
+    formulation: str = "scatter"
+    weights: Optional[dict] = None  # {source, path, sha256}; None: resolve as models.create does
+    resolved: dict = field(default_factory=dict)  # removed_per_layer, tokens_per_layer (artifacts)
+
+    @property
+    def options(self) -> dict:
+        return {"prop_attn": self.prop_attn, "formulation": self.formulation}
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {
+            "model": self.model,
+            "method": self.method,
+            "schedule": self.schedule.to_dict(),
+            "options": self.options,
+        }
+        if self.weights:
+            d["weights"] = dict(self.weights)
+        return d
+
+
+def check_method(method: Any, where: str = "method") -> str:
+    if method not in METHODS:
+        raise UserError(f"{where}: unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+    return method
+
+
+def check_formulation(value: Any, where: str = "options.formulation") -> str:
+    if value not in FORMULATIONS:
+        raise UserError(f"{where} must be one of {', '.join(FORMULATIONS)}, got {value!r}")
+    return value
+
+
+def from_dict(d: Any, where: str = "recipe") -> Recipe:
+    if not isinstance(d, dict):
+        raise UserError(f"{where} must be a YAML mapping with keys {', '.join(TOP_KEYS)}")
+    unknown = [k for k in d if k not in TOP_KEYS + RESOLVED_KEYS]
+    if unknown:
+        raise UserError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(TOP_KEYS)}")
+    if not isinstance(d.get("model"), str) or not d["model"]:
+        raise UserError(f"{where}: 'model' must name a timm model, got {d.get('model')!r}")
+    method = check_method(d.get("method", "tome"), f"{where}: method")
+    if "schedule" not in d:
+        raise UserError(f"{where}: missing 'schedule' (e.g. schedule: {{r: 13}})")
+    schedule = Schedule.from_dict(d["schedule"], f"{where}: schedule")
+
+    opts = d.get("options") or {}
+    if not isinstance(opts, dict):
+        raise UserError(f"{where}: 'options' must be a mapping, got {opts!r}")
+    bad = [k for k in opts if k not in OPTION_KEYS]
+    if bad:
+        raise UserError(f"{where}: unknown option {bad[0]!r}; allowed: {', '.join(OPTION_KEYS)}")
+    prop_attn = opts.get("prop_attn", True)
+    if not isinstance(prop_attn, bool):
+        raise UserError(f"{where}: options.prop_attn must be true or false, got {prop_attn!r}")
+    formulation = check_formulation(opts.get("formulation", "scatter"), f"{where}: options.formulation")
+
+    weights = d.get("weights")
+    if isinstance(weights, str):
+        weights = {"source": "file", "path": weights}
+    elif isinstance(weights, dict):
+        bad = [k for k in weights if k not in WEIGHTS_KEYS]
+        if bad:
+            raise UserError(f"{where}: unknown weights key {bad[0]!r}; allowed: {', '.join(WEIGHTS_KEYS)}")
+        if weights.get("source") not in ("file", "dir", "hub", "random"):
+            raise UserError(f"{where}: weights.source must be file, dir, hub or random, got {weights.get('source')!r}")
+        if weights["source"] in ("file", "dir") and not isinstance(weights.get("path"), str):
+            raise UserError(f"{where}: weights.path is needed for source {weights['source']}")
+    elif weights is not None:
+        raise UserError(f"{where}: 'weights' must be a file path or a mapping, got {weights!r}")
+
+    resolved = {k: d[k] for k in RESOLVED_KEYS if k in d}
+    for k in ("removed_per_layer", "tokens_per_layer"):
+        v = resolved.get(k)
+        if v is not None and not (isinstance(v, list) and all(isinstance(i, int) for i in v)):
+            raise UserError(f"{where}: {k} must be a list of whole numbers")
+    return Recipe(
+        model=d["model"], schedule=schedule, method=method, prop_attn=prop_attn,
+        formulation=formulation, weights=weights, resolved=resolved,
+    )
+
+
+def load(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return from_dict(d, where=str(path))

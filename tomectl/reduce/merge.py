@@ -1,0 +1,133 @@
+"""Apply a token-reduction decision to tokens, their sizes and their sources.
+
+Every method in `tomectl.reduce` only *decides* where each token goes (a `Decision`); this module
+is the one place that carries the decision out. Shapes:
+
+- ``x``       [B, N, C]   tokens
+- ``size``    [B, N, 1]   how many original patches each token stands for (None: all ones)
+- ``source``  [B, N, N0]  which original tokens each token holds (None: not tracked)
+
+The merged token of an output slot is the size-weighted average of the inputs sent there,
+``x_j = sum_i w_i s_i x_i / sum_i w_i s_i``, built from sums and counts only. That is what the
+ONNX exporters and TensorRT handle correctly: ``scatter_reduce(reduce="mean")`` is exported by
+torch's new exporter as an unreduced ScatterElements without any error, and gives wrong numbers.
+
+Two formulations give the same numbers:
+
+- ``"scatter"``: ``scatter_add`` of ``w s x`` and of ``w s`` into the output slots (ONNX
+  ScatterElements with reduction=add). Fastest on CPU.
+- ``"onehot"``: an assignment matrix ``A[b, i, j] = (dst[b, i] == j)`` built from an Equal
+  against a constant range, then ``A^T (w s x)``: MatMul only, no Scatter at all (TensorRT parses
+  it without plugins).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+FORMULATIONS = ("scatter", "onehot")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where each input token goes.
+
+    dst:    [B, N] int64, the output slot (0..n_out-1) of each input token. Every slot receives
+            at least one token with a non-zero weight.
+    n_out:  number of output tokens (a Python int, so shapes stay static).
+    weight: [B, N] optional extra averaging weight per input token (multiplies its size). A
+            weight of exactly 0 *drops* the token: it neither moves the average nor adds its
+            size to the destination (pruning).
+    """
+
+    dst: torch.Tensor
+    n_out: int
+    weight: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class TokenState:
+    """Per-forward bookkeeping that travels with the tokens through the blocks.
+
+    protected: the first `protected` tokens (class, distillation, register tokens) are never
+               merged or pruned and keep their positions.
+    size:      [B, N, 1] float, or None while every token is still a single patch.
+    source:    [B, N, N0] float 0/1 membership of the original tokens, or None (not tracked).
+    """
+
+    protected: int
+    size: Optional[torch.Tensor] = None
+    source: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def start(x: torch.Tensor, protected: int, track_source: bool = False) -> "TokenState":
+        source = None
+        if track_source:
+            b, n, _ = x.shape
+            source = torch.eye(n, dtype=x.dtype, device=x.device).expand(b, n, n)
+        return TokenState(protected=protected, source=source)
+
+    def sizes(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, 1] sizes, materialising ones where nothing was merged yet."""
+        if self.size is not None:
+            return self.size
+        return x.new_ones(x.shape[0], x.shape[1], 1)
+
+    def attn_bias(self) -> Optional[torch.Tensor]:
+        """Proportional attention (ToMe, Eq. 1): log(size) of each *key*, added to the scores.
+
+        Returns [B, 1, 1, N] for ``F.scaled_dot_product_attention``'s additive mask, or None while
+        all sizes are 1 (log 1 = 0), so an unreduced model runs exactly the unpatched kernel.
+        """
+        if self.size is None:
+            return None
+        return self.size.log().transpose(1, 2).unsqueeze(1)
+
+
+def apply_decision(
+    decision: Decision,
+    x: torch.Tensor,
+    state: TokenState,
+    formulation: str = "scatter",
+) -> tuple[torch.Tensor, TokenState]:
+    """Carry out `decision` on tokens `x` [B, N, C]; returns the new tokens [B, n_out, C] and state."""
+    size = state.sizes(x)
+    keep = None if decision.weight is None else (decision.weight != 0).to(x.dtype)[..., None]
+    w = size if decision.weight is None else size * decision.weight[..., None]
+    kept_size = size if keep is None else size * keep
+
+    if formulation == "scatter":
+        b, n, c = x.shape
+        idx = decision.dst[..., None]
+        num = x.new_zeros(b, decision.n_out, c).scatter_add(1, idx.expand(b, n, c), x * w)
+        den = x.new_zeros(b, decision.n_out, 1).scatter_add(1, idx, w)
+        new_size = den if decision.weight is None else (
+            x.new_zeros(b, decision.n_out, 1).scatter_add(1, idx, kept_size)
+        )
+        source = None
+        if state.source is not None:
+            src = state.source if keep is None else state.source * keep
+            source = src.new_zeros(b, decision.n_out, src.shape[-1]).scatter_add(
+                1, idx.expand(b, n, src.shape[-1]), src
+            )
+    elif formulation == "onehot":
+        slots = torch.arange(decision.n_out, device=x.device, dtype=decision.dst.dtype)
+        assign_t = (decision.dst[..., None] == slots).to(x.dtype).transpose(1, 2)  # [B, n_out, N]
+        num = assign_t @ (x * w)
+        den = assign_t @ w
+        new_size = den if decision.weight is None else assign_t @ kept_size
+        source = None
+        if state.source is not None:
+            source = assign_t @ (state.source if keep is None else state.source * keep)
+    else:
+        raise ValueError(f"unknown merge formulation {formulation!r}; choose one of {FORMULATIONS}")
+
+    return num / den, replace(state, size=new_size, source=source)
+
+
+def identity_slots(batch: int, n: int, device: torch.device) -> torch.Tensor:
+    """dst for tokens that stay where they are: [B, n] = 0..n-1."""
+    return torch.arange(n, device=device).expand(batch, n)

@@ -1,0 +1,82 @@
+"""ToMe: bipartite soft matching (Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023).
+
+Section 3 of the paper, in the order it is written:
+
+1. Similarity: the block's attention keys averaged over heads, compared by cosine similarity.
+2. Split the (unprotected) tokens alternately into set A (even positions) and set B (odd).
+3. Each A token draws one edge to its most similar B token.
+4. Keep the r edges with the highest similarity.
+5. Merge the r A tokens into their B partners (size-weighted average, in `merge.py`); the other
+   A tokens and all B tokens stay. Output: [protected, unmerged A (most similar first), B].
+
+Protected tokens (class, distillation, registers) take no part in matching: they keep their
+positions and are never merged. At most half of the unprotected tokens (|A| = ceil(n/2)... capped
+at |B| = floor(n/2) merges) can go in one layer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import ReductionMethod, Signals
+from .merge import Decision, identity_slots
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) -> Optional[Decision]:
+    """Decide which r tokens merge into which.
+
+    metric:    [B, N, C] features to compare (ToMe: keys averaged over heads).
+    r:         tokens to remove, 0 <= r <= (N - protected) // 2.
+    protected: leading tokens that never merge.
+    Returns a Decision with n_out = N - r, or None for r = 0.
+    """
+    b, n, _ = metric.shape
+    n_free = n - protected
+    if r <= 0:
+        return None
+    if r > n_free // 2:
+        raise ValueError(f"ToMe can merge at most {n_free // 2} of {n_free} tokens, asked {r}")
+
+    m = metric[:, protected:]
+    m = m / m.norm(dim=-1, keepdim=True)
+    a, bb = m[:, 0::2], m[:, 1::2]
+    n_a, n_b = a.shape[1], bb.shape[1]
+    scores = a @ bb.transpose(1, 2)  # [B, n_a, n_b] cosine similarity
+
+    best, partner = scores.max(dim=-1)  # each A token's most similar B token
+    order = best.argsort(dim=-1, descending=True, stable=True)  # rank -> A index
+    rank = order.argsort(dim=-1, stable=True)  # A index -> rank (0 = most similar)
+
+    n_unm = n_a - r
+    b_base = protected + n_unm
+    # A token: merged into its partner's slot if among the r best edges, else its own slot.
+    a_slot = torch.where(rank < r, b_base + partner, protected + rank - r)
+    b_slot = b_base + torch.arange(n_b, device=metric.device).expand(b, n_b)
+
+    # Interleave back to token order (A = even, B = odd positions) without any scatter.
+    if n_a > n_b:
+        b_slot = torch.cat([b_slot, b_slot[:, :1]], dim=1)
+    free_slot = torch.stack([a_slot, b_slot], dim=-1).reshape(b, -1)[:, :n_free]
+    dst = torch.cat([identity_slots(b, protected, metric.device), free_slot], dim=1)
+    return Decision(dst=dst, n_out=n - r)
+
+
+class ToMe(ReductionMethod):
+    """Token Merging with the attention keys as similarity."""
+
+    name = "tome"
+
+    def capacity(self, n_tokens: int, protected: int) -> int:
+        return (n_tokens - protected) // 2
+
+    def overhead_macs(self, n_tokens: int, amount: int, protected: int, head_dim: int) -> int:
+        if amount <= 0:
+            return 0
+        n_free = n_tokens - protected
+        return ((n_free + 1) // 2) * (n_free // 2) * head_dim  # the A x B similarity matmul
+
+    def decide(self, amount: int, signals: Signals) -> Optional[Decision]:
+        metric = signals.keys.mean(dim=1)  # [B, N, d]: keys averaged over heads
+        return bipartite_soft_matching(metric, amount, signals.state.protected)
