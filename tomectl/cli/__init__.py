@@ -18,9 +18,19 @@ app = typer.Typer(
     add_completion=False,
 )
 
-from . import compress as _compress  # noqa: E402  (registers its commands on `app`)
 
-_compress.register(app)
+def _register_commands() -> None:
+    """Each module of this package that defines `register(app)` adds its commands (one per file)."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(module, "register"):
+            module.register(app)
+
+
+_register_commands()
 
 
 def main(argv=None) -> int:
