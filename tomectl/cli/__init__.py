@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+
+try:  # typer >= 0.20 vendors its own click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click import ClickException
 
 from ..errors import UserError
 from . import common
@@ -47,12 +51,12 @@ def main(argv=None) -> int:
             raise
         common.error(str(e))
         return 2
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click.ClickException as e:
+    except ClickException as e:  # bad flags: click's own one-line usage error
         e.show()
         return 2
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         common.error("interrupted; nothing was left half-written")
         return 130
 
