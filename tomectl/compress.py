@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from . import __version__
 from .adapters import adapter_for
@@ -68,8 +68,11 @@ def inspect(recipe: Recipe, weights=None, random_weights: bool = True) -> ModelR
 
 
 def compress(recipe: Recipe, out: str | Path, weights=None, random_weights: bool = False,
-             force: bool = False) -> ModelReport:
-    """Build the reduced model, measure it, and write the artifact directory atomically."""
+             force: bool = False, extra: Optional[Callable[[Path, Built], None]] = None) -> ModelReport:
+    """Build the reduced model, measure it, and write the artifact directory atomically.
+
+    `extra(tmp_dir, built)` may add files (calibrate's reports) before the directory is renamed into place.
+    """
     with atomic_dir(out, force=force) as tmp:
         built = build(recipe, weights=weights, random_weights=random_weights)
         rep = report(built, measure=True)
@@ -86,5 +89,7 @@ def compress(recipe: Recipe, out: str | Path, weights=None, random_weights: bool
         )
         summary.pop("out", None)
         write_json(tmp / SUMMARY, summary)
+        if extra is not None:
+            extra(tmp, built)
     rep.out = str(out)
     return rep

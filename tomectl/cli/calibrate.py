@@ -1,0 +1,100 @@
+"""`tomectl calibrate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .. import calibrate as lib
+from ..compress import compress
+from . import common
+
+
+def _render(res: lib.CalibrationResult, out: Path) -> None:
+    t = Table(title=f"tomectl calibrate: {res.model}, {res.budget.describe()}", title_justify="left")
+    for col in ("", "method", "schedule", "GMACs", "latency ms", "agreement", "KL"):
+        t.add_column(col, justify="right" if col in ("GMACs", "latency ms", "agreement", "KL") else "left")
+    ranked = sorted(res.candidates, key=lambda c: (not c.chosen, c.kl if c.kl is not None else 9e9, c.gmacs))
+    for c in ranked[:12]:
+        t.add_row("*" if c.chosen else "", c.method, c.family, f"{c.gmacs:.3f}",
+                  "" if c.latency_ms is None else f"{c.latency_ms:.2f}",
+                  "" if c.agreement is None else f"{c.agreement:.1%}", "" if c.kl is None else f"{c.kl:.4f}")
+    common.out.print(t)
+    c = res.chosen
+    common.out.print(
+        f"chosen: {c.method} {c.family}, removed per layer {' '.join(map(str, c.removed))}; "
+        f"{c.gmacs:.3f} of {res.base_gmacs:.3f} GMACs ({c.gmacs / res.base_gmacs:.1%})"
+        + (f", {c.latency_ms:.2f} ms (spread {c.latency_spread:.1%})" if c.latency_ms else "")
+        + f"; {len(res.candidates)} candidates in {res.seconds:.0f} s"
+    )
+    for n in res.notes:
+        common.out.print(f"note: {n}")
+    common.out.print(f"wrote {out} (recipe.yaml, summary.json, calibration.json/.md, frontier.png)")
+
+
+def calibrate(
+    model: str = typer.Argument(..., help="timm model name."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    flops: Optional[float] = typer.Option(None, "--flops", help="Budget: fraction of the unreduced GMACs (e.g. 0.6)."),
+    gmacs: Optional[float] = typer.Option(None, "--gmacs", help="Budget: GMACs per image."),
+    latency_ms: Optional[float] = typer.Option(None, "--latency-ms", help="Budget: latency per batch in ms."),
+    speedup: Optional[float] = typer.Option(None, "--speedup", help="Budget: speedup over the unreduced model."),
+    backend: str = typer.Option("torch", "--backend", help="Latency budgets: torch, ort or trt."),
+    batch: int = typer.Option(1, "--batch", help="Latency budgets: batch size."),
+    precision: str = typer.Option("fp32", "--precision", help="trt backend: fp32 or fp16."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Calibration images (unlabelled is fine)."),
+    n_images: int = typer.Option(lib.DEFAULT_IMAGES, "--n-images", help="How many calibration images."),
+    resize: str = typer.Option("timm", "--resize", help="timm (resize + centre crop) or squash."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="Restrict to these methods (comma-separated)."),
+    search_evals: int = typer.Option(12, "--search-evals", help="Per-layer search evaluations."),
+    seed: int = typer.Option(0, "--seed", help="Search seed."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads for latency measurements."),
+    weights: Optional[Path] = common.Weights,
+    random_weights: bool = common.RandomWeights,
+    force: bool = common.Force,
+    json_: bool = common.Json,
+) -> None:
+    """Find the schedule that meets a FLOPs or latency budget with the least accuracy loss."""
+    from ..errors import UserError
+
+    if precision not in ("fp32", "fp16"):
+        raise UserError(f"--precision must be fp32 or fp16, got {precision!r}")
+    budget = lib.Budget.parse(flops, gmacs, latency_ms, speedup, backend, batch)
+    if budget.backend == "trt":
+        from ..bench import check_backends
+
+        check_backends(["trt"])  # one clear line without TensorRT or an NVIDIA GPU
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it")
+    methods = [m.strip() for m in method.split(",")] if method else None
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=common.console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        res = lib.calibrate(model, budget, images=images, n_images=n_images, resize=resize, methods=methods,
+                            weights=weights, random_weights=random_weights, search_evals=search_evals, seed=seed,
+                            threads=threads, progress=progress)
+    recipe = lib.chosen_recipe(res, weights=weights, random_weights=random_weights)
+    res.out = str(out)
+
+    def extra(tmp: Path, built) -> None:
+        lib.write_reports(res, tmp, built.tokens[0])
+
+    compress(recipe, out, weights=weights, random_weights=random_weights, force=force, extra=extra)
+    if json_:
+        common.print_json(res.to_dict())
+    else:
+        _render(res, out)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(calibrate)
