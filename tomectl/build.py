@@ -16,7 +16,7 @@ from . import models
 from .adapters import adapter_for
 from .errors import UserError
 from .flops import MacsReport, analytic_macs
-from .recipe import Recipe, check_formulation, check_method
+from .recipe import Recipe, check_formulation, check_method, check_method_options
 from .reduce import get_method
 from .schedule import Schedule, resolve, token_counts
 
@@ -34,46 +34,55 @@ class Built:
 
     def macs(self) -> MacsReport:
         adapter = adapter_for(self.model)
-        return analytic_macs(adapter.dims(self.model), self.removed, get_method(self.recipe.method),
-                             self.recipe.formulation)
+        method = get_method(self.recipe.method, self.recipe.method_options)
+        return analytic_macs(adapter.dims(self.model), self.removed, method, self.recipe.formulation)
 
     def base_macs(self) -> MacsReport:
         adapter = adapter_for(self.model)
         return analytic_macs(adapter.dims(self.model), [0] * len(self.removed))
 
 
-def plan_for(model: nn.Module, method: str, schedule: Schedule) -> tuple[object, list[int]]:
-    """Resolve `schedule` for `model` (validated against what `method` can remove)."""
+def plan_for(model: nn.Module, method: str, schedule: Schedule,
+             options: Optional[dict] = None) -> tuple[object, list[int]]:
+    """Resolve `schedule` for `model` (validated against what `method`, with its `options`, can remove
+    and at which layers it acts)."""
     adapter = adapter_for(model)
     adapter.check_supported(model)
-    m = get_method(method)
-    removed = resolve(schedule, adapter.num_layers(model), adapter.num_tokens(model),
-                      adapter.protected_tokens(model), m.capacity)
+    m = get_method(method, options)
+    n_layers = adapter.num_layers(model)
+    removed = resolve(schedule, n_layers, adapter.num_tokens(model), adapter.protected_tokens(model),
+                      m.capacity, m.layers(n_layers))
     return adapter, removed
 
 
 def install(model: nn.Module, method: str, removed: Sequence[int], prop_attn: bool = True,
-            formulation: str = "scatter", track_source: bool = False) -> nn.Module:
+            formulation: str = "scatter", track_source: bool = False,
+            options: Optional[dict] = None) -> nn.Module:
     adapter = adapter_for(model)
     plan = adapter.ReductionPlan(method=method, removed=tuple(removed), prop_attn=prop_attn,
-                                 formulation=formulation, track_source=track_source)
+                                 formulation=formulation, track_source=track_source,
+                                 options=dict(options or {}))
     return adapter.install(model, plan)
 
 
 def apply(model: nn.Module, method: str = "tome", r: Optional[int] = None, *, inflect: Optional[float] = None,
           per_layer: Optional[Sequence[int]] = None, keep: Optional[float] = None, prop_attn: bool = True,
-          formulation: str = "scatter", track_source: bool = False) -> nn.Module:
+          formulation: str = "scatter", track_source: bool = False,
+          options: Optional[dict] = None) -> nn.Module:
     """Install a token reduction into a timm ViT in place and return it.
 
     >>> model = tomectl.apply(timm.create_model("deit_small_patch16_224", pretrained=True), r=13)
+    >>> model = tomectl.apply(model, "evit", keep=0.3, options={"layers": [3, 6, 9]})
 
-    Exactly one of `r` (with optional `inflect`), `per_layer` or `keep` gives the schedule.
+    Exactly one of `r` (with optional `inflect`), `per_layer` or `keep` gives the schedule;
+    `options` are the method's own (see its `option_defaults`).
     """
     check_method(method)
     check_formulation(formulation, "formulation")
+    options = check_method_options(method, options)
     schedule = Schedule.make(r=r, inflect=inflect, per_layer=per_layer, keep=keep)
-    _, removed = plan_for(model, method, schedule)
-    return install(model, method, removed, prop_attn, formulation, track_source)
+    _, removed = plan_for(model, method, schedule, options)
+    return install(model, method, removed, prop_attn, formulation, track_source, options)
 
 
 def _weights_from_recipe(recipe: Recipe, weights, random_weights: bool):
@@ -102,10 +111,11 @@ def build(recipe: Recipe, weights: Optional[str | Path] = None, random_weights: 
             f"weights {loaded.weights.path} changed since the artifact was made (sha256 differs); "
             "pass --weights FILE to use them anyway"
         )
-    _, removed = plan_for(loaded.model, recipe.method, recipe.schedule)
+    _, removed = plan_for(loaded.model, recipe.method, recipe.schedule, recipe.method_options)
     tokens = token_counts(removed, adapter_for(loaded.model).num_tokens(loaded.model))
     for key, value in (("removed_per_layer", removed), ("tokens_per_layer", tokens)):
         if key in recipe.resolved and list(recipe.resolved[key]) != value:
             raise UserError(f"recipe's {key} {recipe.resolved[key]} does not match its schedule ({value})")
-    install(loaded.model, recipe.method, removed, recipe.prop_attn, recipe.formulation, track_source)
+    install(loaded.model, recipe.method, removed, recipe.prop_attn, recipe.formulation, track_source,
+            recipe.method_options)
     return Built(loaded=loaded, recipe=recipe, removed=removed, tokens=tokens)

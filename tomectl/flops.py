@@ -55,7 +55,8 @@ def analytic_macs(dims, removed: Sequence[int], method=None, formulation: str = 
         attn = n * dims.attn_linear_macs[i] + 2 * n * n * dims.attn_dims[i]
         red = 0
         if r > 0 and method is not None:
-            red = method.overhead_macs(n, r, dims.protected, dims.head_dims[i])
+            red = method.overhead_macs(n, r, dims.protected, dims.head_dims[i],
+                                       num_heads=dims.attn_dims[i] // dims.head_dims[i])
             if formulation == "onehot":
                 red += n * (n - r) * (dims.embed_dim + 1)
         m = n - r

@@ -3,12 +3,15 @@
     model: deit_small_patch16_224
     method: tome
     schedule: {r: 13}                  # see schedule.py for the four shapes
-    options: {prop_attn: true, formulation: scatter}
+    options: {prop_attn: true, formulation: scatter}   # + the method's own, e.g. evit {layers: [3, 6, 9]}
     weights: path/to/file.safetensors  # optional; or {source, path, sha256} as artifacts write it
 
 An artifact's recipe.yaml adds what compress resolved (``removed_per_layer``, ``tokens_per_layer``,
 ``tomectl_version``); when read back these are checked against a fresh resolution.
-Unknown keys and bad values are refused with the key's name.
+Unknown keys and bad values are refused with the key's name. `options` holds the options every
+method shares (OPTION_KEYS) and the chosen method's own (its `option_defaults`: ToFu's
+``transition`` and ``norm``, EViT's ``layers``, BAT's ``layers``, ``clusters``, ``pairs``, ``knn``);
+the latter are kept in `Recipe.method_options` and handed to the method.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any, Optional
 import yaml
 
 from .errors import UserError
-from .reduce import FORMULATIONS, METHODS
+from .reduce import FORMULATIONS, METHODS, get_method
 from .schedule import Schedule
 
 TOP_KEYS = ("model", "method", "schedule", "options", "weights")
@@ -38,10 +41,11 @@ class Recipe:
     formulation: str = "scatter"
     weights: Optional[dict] = None  # {source, path, sha256}; None: resolve as models.create does
     resolved: dict = field(default_factory=dict)  # removed_per_layer, tokens_per_layer (artifacts)
+    method_options: dict = field(default_factory=dict)  # the method's own options, as given
 
     @property
     def options(self) -> dict:
-        return {"prop_attn": self.prop_attn, "formulation": self.formulation}
+        return {"prop_attn": self.prop_attn, "formulation": self.formulation, **self.method_options}
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {
@@ -59,6 +63,19 @@ def check_method(method: Any, where: str = "method") -> str:
     if method not in METHODS:
         raise UserError(f"{where}: unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
     return method
+
+
+def check_method_options(method: str, options: Any, where: str = "options") -> dict:
+    """Validate a method's own options by building the method with them (one-line UserError)."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise UserError(f"{where} must be a mapping, got {options!r}")
+    try:
+        get_method(method, options)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    return dict(options)
 
 
 def check_formulation(value: Any, where: str = "options.formulation") -> str:
@@ -83,9 +100,12 @@ def from_dict(d: Any, where: str = "recipe") -> Recipe:
     opts = d.get("options") or {}
     if not isinstance(opts, dict):
         raise UserError(f"{where}: 'options' must be a mapping, got {opts!r}")
-    bad = [k for k in opts if k not in OPTION_KEYS]
+    own = tuple(METHODS[method].option_defaults)
+    bad = [k for k in opts if k not in OPTION_KEYS + own]
     if bad:
-        raise UserError(f"{where}: unknown option {bad[0]!r}; allowed: {', '.join(OPTION_KEYS)}")
+        raise UserError(f"{where}: unknown option {bad[0]!r}; allowed: {', '.join(OPTION_KEYS + own)}")
+    method_options = check_method_options(method, {k: v for k, v in opts.items() if k in own},
+                                          f"{where}: options")
     prop_attn = opts.get("prop_attn", True)
     if not isinstance(prop_attn, bool):
         raise UserError(f"{where}: options.prop_attn must be true or false, got {prop_attn!r}")
@@ -112,7 +132,7 @@ def from_dict(d: Any, where: str = "recipe") -> Recipe:
             raise UserError(f"{where}: {k} must be a list of whole numbers")
     return Recipe(
         model=d["model"], schedule=schedule, method=method, prop_attn=prop_attn,
-        formulation=formulation, weights=weights, resolved=resolved,
+        formulation=formulation, weights=weights, resolved=resolved, method_options=method_options,
     )
 
 

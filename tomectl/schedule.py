@@ -13,6 +13,10 @@ A schedule is written as one of four shapes (the same keys in recipes, the CLI a
 `resolve()` turns a shape into per-layer counts for a model. `r` shapes are capped at what the
 method can remove at each layer (as ToMe caps r at half the unprotected tokens); `per_layer` and
 `keep` are exact requests, so the first layer that cannot remove what they ask is named in an error.
+
+Methods that act only at some layers (EViT and BAT: 3, 6, 9 of 12) pass those as `layers`: `r`
+is then removed at each of those layers (a ramp runs over them), `keep` is spread over them, and
+a `per_layer` list may remove tokens only there.
 """
 
 from __future__ import annotations
@@ -96,8 +100,18 @@ class Schedule:
         return f"r={self.r}"
 
 
-def layer_counts(schedule: Schedule, n_layers: int, n_tokens: int, protected: int) -> list[int]:
-    """Per-layer removals for a model with `n_layers` blocks and `n_tokens` entering the first."""
+def layer_counts(schedule: Schedule, n_layers: int, n_tokens: int, protected: int,
+                 layers: Optional[Sequence[int]] = None) -> list[int]:
+    """Per-layer removals for a model with `n_layers` blocks and `n_tokens` entering the first.
+
+    layers: the only blocks where the method removes tokens (None: all).
+    """
+    if layers is not None and schedule.per_layer is None:
+        acting = layer_counts(schedule, len(layers), n_tokens, protected) if layers else []
+        out = [0] * n_layers
+        for i, r in zip(layers, acting, strict=True):
+            out[i] = r
+        return out
     if schedule.per_layer is not None:
         if len(schedule.per_layer) != n_layers:
             raise UserError(
@@ -125,14 +139,27 @@ def token_counts(removed: Sequence[int], n_tokens: int) -> list[int]:
     return counts
 
 
-def validate(removed: Sequence[int], n_tokens: int, protected: int, capacity) -> None:
+def _capacity_at(capacity, layers: Optional[Sequence[int]]):
+    acting = None if layers is None else set(layers)
+    return lambda i, n, p: capacity(n, p) if acting is None or i in acting else 0
+
+
+def validate(removed: Sequence[int], n_tokens: int, protected: int, capacity,
+             layers: Optional[Sequence[int]] = None) -> None:
     """Raise a UserError naming the first layer that removes more tokens than it can.
 
     capacity: (n_tokens, protected) -> most tokens removable at a layer (the method's rule).
+    layers:   the only blocks where the method removes tokens (None: all).
     """
+    cap_at = _capacity_at(capacity, layers)
     n = n_tokens
     for i, r in enumerate(removed):
-        cap = capacity(n, protected)
+        if r > 0 and layers is not None and i not in layers:
+            raise UserError(
+                f"layer {i} would remove {r} tokens but this method removes tokens only at layers "
+                f"{', '.join(map(str, layers))}"
+            )
+        cap = cap_at(i, n, protected)
         if r > cap:
             raise UserError(
                 f"layer {i} would remove {r} tokens but only {cap} can go there "
@@ -141,22 +168,26 @@ def validate(removed: Sequence[int], n_tokens: int, protected: int, capacity) ->
         n -= r
 
 
-def clamp(removed: Sequence[int], n_tokens: int, protected: int, capacity) -> list[int]:
+def clamp(removed: Sequence[int], n_tokens: int, protected: int, capacity,
+          layers: Optional[Sequence[int]] = None) -> list[int]:
     """Cap each layer at what the method can remove there (ToMe caps r at half the free tokens)."""
+    cap_at = _capacity_at(capacity, layers)
     out, n = [], n_tokens
-    for r in removed:
-        r = min(r, capacity(n, protected))
+    for i, r in enumerate(removed):
+        r = min(r, cap_at(i, n, protected))
         out.append(r)
         n -= r
     return out
 
 
-def resolve(schedule: Schedule, n_layers: int, n_tokens: int, protected: int, capacity) -> list[int]:
+def resolve(schedule: Schedule, n_layers: int, n_tokens: int, protected: int, capacity,
+            layers: Optional[Sequence[int]] = None) -> list[int]:
     """Per-layer removals, validated. `r` schedules (constant or ramp) are capped per layer the way
     ToMe caps r; explicit `per_layer` lists and `keep` targets are exact, so they are refused with
-    the first layer that cannot remove what they ask."""
-    removed = layer_counts(schedule, n_layers, n_tokens, protected)
+    the first layer that cannot remove what they ask. `layers`: the only blocks where the method
+    removes tokens (None: all)."""
+    removed = layer_counts(schedule, n_layers, n_tokens, protected, layers)
     if schedule.r is not None:
-        return clamp(removed, n_tokens, protected, capacity)
-    validate(removed, n_tokens, protected, capacity)
+        return clamp(removed, n_tokens, protected, capacity, layers)
+    validate(removed, n_tokens, protected, capacity, layers)
     return removed

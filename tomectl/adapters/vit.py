@@ -10,6 +10,10 @@ keep working.
   bias), so timm's fused ``F.scaled_dot_product_attention`` path stays in use.
 - The attention keys (the ToMe similarity) are read by a forward hook on ``attn.k_norm``, the
   point where timm's Attention has its final keys (k_norm is an Identity without q/k norm).
+- Methods that rank tokens by the class token's attention (EViT, BAT) get that one row without
+  giving up the fused kernel: the queries are read the same way (hook on ``attn.q_norm``), and
+  ``softmax(q_cls . K^T * scale + bias)`` is computed apart, averaged over heads, only at the
+  blocks where such a method removes tokens.
 - Per-forward state (sizes, sources, protected count) is a `TokenState` value passed from block
   to block; the static configuration (`ReductionPlan`) lives on the model.
 - Average pooling is made size-weighted by scaling each patch token by ``s_i * n / sum(s)``
@@ -44,7 +48,7 @@ class ReductionPlan:
     prop_attn: bool = True  # proportional attention (ToMe Eq. 1)
     formulation: str = "scatter"  # how merges are computed, see reduce/merge.py
     track_source: bool = False  # keep which patches each token holds (visualisation)
-    options: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # the method's own options (see reduce/base.py)
 
     @property
     def active(self) -> bool:
@@ -52,7 +56,8 @@ class ReductionPlan:
 
 
 class _KeyTap:
-    """Forward hook on `attn.k_norm`: keeps the keys of the last call for the block to read."""
+    """Forward hook on `attn.k_norm` (or `attn.q_norm`): keeps the keys (queries) of the last call
+    for the block to read."""
 
     def __init__(self) -> None:
         self.value: Optional[torch.Tensor] = None
@@ -80,7 +85,7 @@ def check_supported(model) -> None:
                 "pre-norm Block (attention then MLP)"
             )
         attn = blk.attn
-        if not all(hasattr(attn, a) for a in ("qkv", "k_norm", "num_heads", "head_dim")):
+        if not all(hasattr(attn, a) for a in ("qkv", "q_norm", "k_norm", "num_heads", "head_dim")):
             raise UserError(
                 f"block {i} uses attention {type(attn).__name__}, which has no q/k/v projection "
                 "tomectl can read keys from"
@@ -127,8 +132,10 @@ class ReducedViT:
         x = self.patch_drop(x)
         x = self.norm_pre(x)
         state = TokenState.start(x, self.num_prefix_tokens, plan.track_source)
-        for blk, tap, amount in zip(self.blocks, self._tomectl_taps, plan.removed):
-            x, state = _block_forward(blk, tap, x, state, amount, self._tomectl_method, plan)
+        n_layers = len(self.blocks)
+        layers = zip(self.blocks, self._tomectl_taps, plan.removed, strict=True)
+        for i, (blk, taps, amount) in enumerate(layers):
+            x, state = _block_forward(blk, taps, x, state, amount, self._tomectl_method, plan, i, n_layers)
         return self.norm(x), state
 
 
@@ -137,17 +144,35 @@ def _refuse_masks(attn_mask, is_causal) -> None:
         raise ValueError("a token-reduced model does not take attention masks")
 
 
-def _block_forward(blk, tap: _KeyTap, x, state: TokenState, amount: int, method, plan: ReductionPlan):
+def _block_forward(blk, taps: tuple[_KeyTap, _KeyTap], x, state: TokenState, amount: int, method,
+                   plan: ReductionPlan, layer: int = -1, n_layers: int = 0):
     """timm's Block, with the reduction between the attention and the MLP residuals."""
     bias = state.attn_bias() if plan.prop_attn else None
     x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x), attn_mask=bias)))
-    keys = tap.take()
+    key_tap, query_tap = taps
+    keys, queries = key_tap.take(), query_tap.take()
     if amount > 0:
-        decision = method.decide(amount, Signals(x=x, keys=keys, state=state))
+        cls_attn = class_attention(blk.attn, queries, keys, bias) if method.needs_cls_attn else None
+        signals = Signals(x=x, keys=keys, state=state, layer=layer, n_layers=n_layers, cls_attn=cls_attn)
+        decision = method.decide(amount, signals)
         if decision is not None:
             x, state = apply_decision(decision, x, state, plan.formulation)
     x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
     return x, state
+
+
+def class_attention(attn, queries: torch.Tensor, keys: torch.Tensor,
+                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The class token's (position 0) attention row, averaged over heads: [B, N].
+
+    queries, keys: [B, H, N, d] as the block's attention used them; bias: the additive attention
+    mask it was given ([B, 1, 1, N] log-sizes) or None. Costs H * N * d MACs, beside the fused kernel.
+    """
+    scale = getattr(attn, "scale", queries.shape[-1] ** -0.5)
+    logits = (queries[:, :, :1] * scale) @ keys.transpose(-2, -1)  # [B, H, 1, N]
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 
 
 def _weight_for_pool(model, x: torch.Tensor, state: TokenState) -> torch.Tensor:
@@ -180,13 +205,28 @@ def install(model: nn.Module, plan: ReductionPlan) -> nn.Module:
         raise UserError(f"schedule has {len(plan.removed)} layers but the model has {len(model.blocks)} blocks")
     if plan.formulation not in FORMULATIONS:
         raise UserError(f"unknown merge formulation {plan.formulation!r}; choose one of {', '.join(FORMULATIONS)}")
-    method = get_method(plan.method)
+    method = get_method(plan.method, plan.options)
+    layers = method.layers(len(model.blocks))
+    if layers is not None:
+        acting = set(layers)
+        stray = [i for i, r in enumerate(plan.removed) if r > 0 and i not in acting]
+        if stray:
+            raise UserError(
+                f"method {plan.method!r} removes tokens only at blocks {list(layers)}, "
+                f"but the plan removes some at block {stray[0]}"
+            )
+    if method.needs_cls_attn and plan.active and getattr(model, "cls_token", None) is None:
+        raise UserError(
+            f"method {plan.method!r} ranks tokens by the class token's attention, and this model has no "
+            "class token; use tome or tofu"
+        )
     if not hasattr(model, "_tomectl_taps"):
         taps, handles_ = [], []
         for blk in model.blocks:
-            tap = _KeyTap()
-            handles_.append(blk.attn.k_norm.register_forward_hook(tap))
-            taps.append(tap)
+            key_tap, query_tap = _KeyTap(), _KeyTap()
+            handles_.append(blk.attn.k_norm.register_forward_hook(key_tap))
+            handles_.append(blk.attn.q_norm.register_forward_hook(query_tap))
+            taps.append((key_tap, query_tap))
         model._tomectl_taps = taps
         model._tomectl_hooks = handles_
     model._tomectl_method = method

@@ -1,38 +1,51 @@
 """Token-reduction algorithms on tensors: no timm, no CLI. One method a file.
 
-`get_method(name)` returns the method object the model adapter calls; `METHODS` lists them.
+`get_method(name, options)` returns the method object the model adapter calls; `METHODS` lists them.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..errors import UserError
 from .base import ReductionMethod, Signals
-from .merge import FORMULATIONS, Decision, TokenState, apply_decision
+from .bat import BAT, beyond_attentive_tokens, density_peak_clusters
+from .evit import EViT, attentive_fusion
+from .merge import FORMULATIONS, Decision, TokenState, apply_decision, mlerp_rescale
+from .tofu import ToFu, token_fusion
 from .tome import ToMe, bipartite_soft_matching
 
-METHODS: dict[str, type[ReductionMethod]] = {
-    ToMe.name: ToMe,
-}
+METHODS: dict[str, type[ReductionMethod]] = {m.name: m for m in (ToMe, ToFu, EViT, BAT)}
 
 
-def get_method(name: str) -> ReductionMethod:
+def get_method(name: str, options: Optional[dict] = None) -> ReductionMethod:
+    """The method `name`, configured with its own `options` (see each method's `option_defaults`)."""
     try:
-        return METHODS[name]()
+        cls = METHODS[name]
     except KeyError:
         raise UserError(
             f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}"
         ) from None
+    return cls(**(options or {}))
 
 
 __all__ = [
+    "BAT",
     "FORMULATIONS",
     "METHODS",
     "Decision",
+    "EViT",
     "ReductionMethod",
     "Signals",
+    "ToFu",
     "TokenState",
     "ToMe",
     "apply_decision",
+    "attentive_fusion",
+    "beyond_attentive_tokens",
     "bipartite_soft_matching",
+    "density_peak_clusters",
     "get_method",
+    "mlerp_rescale",
+    "token_fusion",
 ]

@@ -1,17 +1,20 @@
 """The small interface every token-reduction method implements.
 
 A method sees what a block offers (`Signals`) and returns a `Decision` (see `merge.py`). It also
-states, without any tensor, how many tokens it can remove from a layer and what its own decision
-costs in multiply-accumulates, so schedules are validated and FLOPs counted analytically.
+states, without any tensor, how many tokens it can remove from a layer, at which layers it acts and
+what its own decision costs in multiply-accumulates, so schedules are validated and FLOPs counted
+analytically. Method-specific options (EViT's layers, ToFu's transition layer...) are keyword
+arguments of the method's constructor, declared in `option_defaults`; recipes carry them in `options`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
+from ..errors import UserError
 from .merge import Decision, TokenState
 
 
@@ -19,31 +22,81 @@ from .merge import Decision, TokenState
 class Signals:
     """What a block hands a method, right after its attention residual.
 
-    x:     [B, N, C] tokens.
-    keys:  [B, H, N, d] the attention keys of this block (after q/k norm).
-    state: sizes, sources and the protected-token count.
+    x:        [B, N, C] tokens.
+    keys:     [B, H, N, d] the attention keys of this block (after q/k norm).
+    state:    sizes, sources and the protected-token count.
+    layer:    index of this block (0-based), or -1 where unknown.
+    n_layers: number of blocks of the model, or 0 where unknown.
+    cls_attn: [B, N] the class token's attention row of this block (softmax over all N keys,
+              proportional-attention bias included, averaged over heads), or None. Provided only
+              to methods whose `needs_cls_attn` is set, and only at layers where they remove tokens.
     """
 
     x: torch.Tensor
     keys: torch.Tensor
     state: TokenState
+    layer: int = -1
+    n_layers: int = 0
+    cls_attn: Optional[torch.Tensor] = None
 
 
 class ReductionMethod:
-    """Base class: subclasses set `name` and implement the three methods."""
+    """Base class: subclasses set `name` and implement `capacity` and `decide` (and usually
+    `overhead_macs`)."""
 
     name: str = ""
     #: whether the method merges (uses sizes, proportional attention makes sense) or only prunes
     merges: bool = True
+    #: whether `decide` needs `Signals.cls_attn` (the model must then have a class token)
+    needs_cls_attn: bool = False
+    #: method options and their defaults; the constructor takes exactly these as keywords
+    option_defaults: dict[str, Any] = {}
+
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.option_defaults))
+        if unknown:
+            allowed = ", ".join(self.option_defaults) or "none"
+            raise UserError(f"method {self.name!r} has no option {unknown[0]!r}; its options: {allowed}")
+        self.options = {**self.option_defaults, **options}
+
+    def layers(self, n_layers: int) -> Optional[tuple[int, ...]]:
+        """Blocks (0-based) where this method can remove tokens; None: every block."""
+        return None
 
     def capacity(self, n_tokens: int, protected: int) -> int:
         """Most tokens this method can remove at one layer that receives `n_tokens`."""
         raise NotImplementedError
 
-    def overhead_macs(self, n_tokens: int, amount: int, protected: int, head_dim: int) -> int:
-        """Multiply-accumulates of the decision itself (matching), per image."""
+    def overhead_macs(self, n_tokens: int, amount: int, protected: int, head_dim: int,
+                      num_heads: int = 1) -> int:
+        """Multiply-accumulates of the decision itself (matching, the class-attention row), per image."""
         return 0
 
     def decide(self, amount: int, signals: Signals) -> Optional[Decision]:
         """Where each token goes when `amount` tokens are removed at this layer (None: keep all)."""
         raise NotImplementedError
+
+
+def check_layers(value: Any, name: str, option: str = "layers") -> Optional[tuple[int, ...]]:
+    """Validate a `layers` option: None or a list of distinct block indices >= 0."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not value or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        raise UserError(f"method {name!r}: option {option} must be a list of block indices >= 0, "
+                        f"got {value!r}")
+    if len(set(value)) != len(value):
+        raise UserError(f"method {name!r}: option {option} lists a block twice: {list(value)}")
+    return tuple(sorted(value))
+
+
+def within(layers: Sequence[int], n_layers: int, name: str) -> tuple[int, ...]:
+    """`layers` checked against a model's depth (a one-line error naming the first bad index)."""
+    bad = [i for i in layers if i >= n_layers]
+    if bad:
+        raise UserError(
+            f"method {name!r} is set to act at block {bad[0]} but the model has {n_layers} blocks "
+            f"(0-{n_layers - 1})"
+        )
+    return tuple(layers)

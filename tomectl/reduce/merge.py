@@ -19,6 +19,12 @@ Two formulations give the same numbers:
 - ``"onehot"``: an assignment matrix ``A[b, i, j] = (dst[b, i] == j)`` built from an Equal
   against a constant range, then ``A^T (w s x)``: MatMul only, no Scatter at all (TensorRT parses
   it without plugins).
+
+A decision may ask for a norm-preserving merge (``norm="max"``, ToFu's MLERP): the size-weighted
+average keeps its direction and is rescaled to the largest norm among the tokens sent to the slot,
+``x_j = avg_j * max_i |x_i| / |avg_j|``. The maximum is a ``scatter_reduce(amax)`` (ONNX
+ScatterElements, reduction=max) in the scatter formulation, and a masked ReduceMax over the
+assignment matrix in the onehot one. A slot holding one token keeps its own norm (up to rounding).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Optional
 import torch
 
 FORMULATIONS = ("scatter", "onehot")
+NORMS = ("max", "mean")
 
 
 @dataclass(frozen=True)
@@ -41,11 +48,14 @@ class Decision:
     weight: [B, N] optional extra averaging weight per input token (multiplies its size). A
             weight of exactly 0 *drops* the token: it neither moves the average nor adds its
             size to the destination (pruning).
+    norm:   None for the plain (weighted) average; "max" rescales each merged token to the largest
+            norm among its (non-dropped) members (ToFu's MLERP).
     """
 
     dst: torch.Tensor
     n_out: int
     weight: Optional[torch.Tensor] = None
+    norm: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,16 @@ def apply_decision(
     w = size if decision.weight is None else size * decision.weight[..., None]
     kept_size = size if keep is None else size * keep
 
+    if decision.norm is not None and decision.norm not in NORMS:
+        raise ValueError(f"unknown merge norm {decision.norm!r}; choose one of {NORMS}")
+    member_norm = None
+    if decision.norm is not None:
+        member_norm = x.norm(dim=-1, keepdim=True)  # [B, N, 1]
+        if keep is not None:
+            member_norm = member_norm * keep  # dropped tokens do not count (norms are >= 0)
+    if decision.norm == "mean":  # the members' (weighted) mean norm: one more column in the sums
+        x = torch.cat([x, member_norm], dim=-1)
+
     if formulation == "scatter":
         b, n, c = x.shape
         idx = decision.dst[..., None]
@@ -113,6 +133,8 @@ def apply_decision(
             source = src.new_zeros(b, decision.n_out, src.shape[-1]).scatter_add(
                 1, idx.expand(b, n, src.shape[-1]), src
             )
+        if decision.norm == "max":
+            target = x.new_zeros(b, decision.n_out, 1).scatter_reduce(1, idx, member_norm, reduce="amax")
     elif formulation == "onehot":
         slots = torch.arange(decision.n_out, device=x.device, dtype=decision.dst.dtype)
         assign_t = (decision.dst[..., None] == slots).to(x.dtype).transpose(1, 2)  # [B, n_out, N]
@@ -122,10 +144,27 @@ def apply_decision(
         source = None
         if state.source is not None:
             source = assign_t @ (state.source if keep is None else state.source * keep)
+        if decision.norm == "max":
+            target = (assign_t * member_norm.transpose(1, 2)).amax(dim=-1, keepdim=True)  # [B, n_out, 1]
     else:
         raise ValueError(f"unknown merge formulation {formulation!r}; choose one of {FORMULATIONS}")
 
-    return num / den, replace(state, size=new_size, source=source)
+    out = num / den
+    if decision.norm == "mean":
+        out, target = out[..., :-1], out[..., -1:]
+    if member_norm is not None:
+        out = mlerp_rescale(out, target)
+    return out, replace(state, size=new_size, source=source)
+
+
+def mlerp_rescale(avg: torch.Tensor, target_norm: torch.Tensor) -> torch.Tensor:
+    """ToFu's MLERP: keep the direction of `avg` [B, M, C], give it the norm `target_norm` [B, M, 1].
+
+    Divides by the norm of the *average itself* (not by a member's norm), so the result's norm is
+    exactly `target_norm`: a merged token no longer shrinks the way a plain average of dissimilar
+    vectors does.
+    """
+    return avg * (target_norm / avg.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(avg.dtype).tiny))
 
 
 def identity_slots(batch: int, n: int, device: torch.device) -> torch.Tensor:

@@ -71,7 +71,8 @@ class ToMe(ReductionMethod):
     def capacity(self, n_tokens: int, protected: int) -> int:
         return (n_tokens - protected) // 2
 
-    def overhead_macs(self, n_tokens: int, amount: int, protected: int, head_dim: int) -> int:
+    def overhead_macs(self, n_tokens: int, amount: int, protected: int, head_dim: int,
+                      num_heads: int = 1) -> int:
         if amount <= 0:
             return 0
         n_free = n_tokens - protected

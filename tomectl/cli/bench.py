@@ -1,0 +1,101 @@
+"""`tomectl bench`: latency, throughput and memory per backend and batch, beside the unreduced model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .. import bench as lib
+from .. import report as report_mod
+from ..errors import UserError
+from . import common
+
+
+def render(doc: dict) -> None:
+    cfg = doc["config"]
+    t = Table(box=box.SIMPLE_HEAD, title=f"tomectl bench: {doc['model']} ({cfg['threads']} threads, "
+                    f"{cfg['iters'] if cfg.get('duration_s') is None else str(cfg['duration_s']) + ' s'} "
+                    f"timed x {cfg.get('rounds', 1)} round(s))", title_justify="left")
+    for i, name in enumerate(report_mod.TABLE_COLUMNS):
+        t.add_column(name, justify="left" if i < 3 else "right")
+    prev = None
+    for row, cells in zip(doc["rows"], report_mod.table_rows(doc)):
+        group = (row["backend"], row["batch"])
+        if prev is not None and group != prev:
+            t.add_section()
+        prev = group
+        eff = row.get("efficiency")
+        if eff is not None:
+            cells[-1] = f"[{'green' if eff >= 0.9 else 'yellow' if eff >= 0.7 else 'red'}]{cells[-1]}[/]"
+        if row.get("error"):
+            cells = [c if not c.startswith("error:") else "[red]error (below)[/]" for c in cells]
+        t.add_row(*cells)
+    # a pipe or a file has no width: do not squeeze the table into 80 columns there
+    console = common.out if common.out.is_terminal else Console(width=200)
+    console.print(t)
+    for row in doc["rows"]:
+        if row.get("error"):
+            console.print(f"[red]{row['backend']} batch {row['batch']} {row['label']}:[/] {row['error']}",
+                          highlight=False)
+    for note in doc.get("notes", []):
+        console.print(f"[dim]note: {note}[/]", highlight=False)
+
+
+def bench(
+    target: list[str] = typer.Argument(..., help="timm model name, or one or more artifact directories of one model."),
+    r: Optional[str] = typer.Option("0,8,13,16", "--r", help="Constant-r schedules, comma-separated (r=0 always runs)."),
+    method: str = common.Method,
+    backend: str = typer.Option("torch", "--backend", help=f"Comma-separated: {', '.join(lib.BACKENDS)}."),
+    batch: str = typer.Option("1", "--batch", help="Batch sizes, comma-separated."),
+    compile_: bool = typer.Option(False, "--compile", help="Also time torch.compile (backend torch-compile)."),
+    warmup: int = typer.Option(5, "--warmup", help="Untimed iterations first."),
+    iters: int = typer.Option(20, "--iters", help="Timed iterations per process."),
+    duration: Optional[float] = typer.Option(None, "--duration", help="Time for this many seconds instead of --iters."),
+    rounds: int = typer.Option(1, "--rounds", help="Run all configurations round-robin this many times (pooled)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all available cores)."),
+    prop_attn: bool = common.PropAttn,
+    formulation: str = common.Formulation,
+    weights: Optional[Path] = common.Weights,
+    random_weights: bool = common.RandomWeights,
+    report: Optional[Path] = typer.Option(None, "--report", help="Directory for report.json, report.md and a plot."),
+    eval_: list[Path] = typer.Option([], "--eval", help="tomectl eval --out JSON(s) to plot accuracy vs GMACs."),
+    json_: bool = common.Json,
+) -> None:
+    """Time a model at several schedules, backends and batch sizes, each in its own process."""
+    rs = common.parse_int_list(r, "--r") or []
+    batches = common.parse_int_list(batch, "--batch") or []
+    backends = [b.strip() for b in backend.split(",") if b.strip()]
+    evals = [lib.load_eval(p) for p in eval_]
+    if report is not None and report.exists() and not report.is_dir():
+        raise UserError(f"--report {report} is a file; give a directory")
+    cols = (TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}"))
+    with Progress(*cols, console=common.console, transient=True, disable=json_) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def progress(desc: str, done: int, total: int) -> None:
+            bar.update(task, description=desc, completed=done, total=total)
+
+        rep = lib.run_bench(target, rs, backends, batches, warmup=warmup, iters=None if duration else iters,
+                            duration=duration, threads=threads, compile=compile_, random_weights=random_weights,
+                            weights=weights, method=method, prop_attn=prop_attn, formulation=formulation,
+                            rounds=rounds, evals=evals, progress=progress)
+    doc = rep.to_dict()
+    written = report_mod.write(doc, report) if report is not None else None
+    if json_:
+        common.print_json(doc)
+        return
+    render(doc)
+    if written is not None:
+        files = [written.json, written.markdown] + ([written.plot] if written.plot else [])
+        common.console.print("wrote " + ", ".join(str(f) for f in files))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)

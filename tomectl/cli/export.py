@@ -1,0 +1,134 @@
+"""`tomectl export`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from . import common
+
+
+def render(rep) -> None:
+    t = Table(title="tomectl export", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("model", f"{rep.model}, {rep.method} {rep.schedule}")
+    t.add_row(
+        "GMACs", f"{rep.gmacs_base:.3f} -> {rep.gmacs:.3f}  ({rep.gmacs / rep.gmacs_base:.1%} of unreduced)"
+    )
+    t.add_row("tokens per layer", " ".join(map(str, rep.tokens_per_layer)))
+    t.add_row("merge formulation", f"{rep.formulation} ({rep.formulation_reason})")
+    o = rep.onnx
+    if o is not None:
+        nodes = f"{o.nodes} nodes"
+        if o.nodes_simplified is not None:
+            nodes += f" -> {o.nodes_simplified} after onnxslim" + (
+                "" if o.simplified else " (not kept: lost parity)"
+            )
+        if o.path:
+            t.add_row("ONNX", f"{o.path}  (+ {Path(o.sidecar).name})")
+        t.add_row("graph", f"opset {o.opset}, input {o.input_name} {o.input_shape}, {nodes}")
+        t.add_row(
+            "parity vs PyTorch",
+            f"max |diff| {o.max_abs_diff:.2e}, top-1 agreement {o.top1_agreement:.0%} on {o.check_source}",
+        )
+    e = rep.engine
+    if e is not None:
+        t.add_row("engine", f"{e.path}  (+ {Path(e.metadata).name})")
+        t.add_row(
+            "TensorRT", f"{e.tensorrt_version} on {e.gpu}, {e.precision}, built in {e.build_seconds:.0f} s"
+        )
+        t.add_row(
+            "engine vs onnxruntime",
+            f"top-1 agreement {e.top1_agreement:.1%} (floor {e.min_agreement:.0%}), "
+            f"max |diff| {e.max_abs_diff:.3g} on {e.n_check} images",
+        )
+    common.out.print(t)
+    for note in (o.notes if o else []) + (e.notes if e else []):
+        common.console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+
+
+def export(
+    target: Optional[str] = typer.Argument(
+        None, help="Artifact directory, or a timm model name with schedule flags."
+    ),
+    onnx_out: Optional[Path] = typer.Option(None, "--onnx", help="ONNX file to write (+ FILE.json sidecar)."),
+    trt_out: Optional[Path] = typer.Option(
+        None, "--trt", help="TensorRT engine to write (+ FILE.json metadata)."
+    ),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="A YAML recipe instead of TARGET + flags."),
+    batch: int = typer.Option(1, "--batch", help="Fixed batch size of the graph/engine."),
+    precision: str = typer.Option("fp32", "--precision", help="TensorRT precision: fp32, fp16 or int8."),
+    formulation: Optional[str] = typer.Option(
+        None,
+        "--formulation",
+        help="Merge formulation in the graph: scatter or onehot (default onehot: TensorRT parses it "
+        "without plugins, and it measured as fast as scatter in ONNX Runtime).",
+    ),
+    calib_images: Optional[Path] = typer.Option(
+        None,
+        "--calib-images",
+        help="Images for the parity checks and int8 calibration (default: shared images).",
+    ),
+    check_images: Optional[int] = typer.Option(
+        None, "--check-images", help="How many images to check on (default 16; 64 with --trt)."
+    ),
+    simplify: bool = typer.Option(
+        True, "--simplify/--no-simplify", help="Simplify with onnxslim where parity holds."
+    ),
+    timing_cache: Optional[Path] = typer.Option(
+        None, "--timing-cache", help="TensorRT timing cache file to reuse."
+    ),
+    workspace_gb: Optional[float] = typer.Option(
+        None, "--workspace-gb", help="TensorRT builder workspace (GB)."
+    ),
+    min_agreement: Optional[float] = typer.Option(
+        None, "--min-agreement", help="Engine top-1 agreement floor vs onnxruntime (default 0.99; int8 0.95)."
+    ),
+    method: str = common.Method,
+    r: Optional[int] = common.R,
+    inflect: Optional[float] = common.Inflect,
+    per_layer: Optional[str] = common.PerLayer,
+    keep: Optional[float] = common.Keep,
+    prop_attn: bool = common.PropAttn,
+    weights: Optional[Path] = common.Weights,
+    random_weights: bool = common.RandomWeights,
+    force: bool = common.Force,
+    json_: bool = common.Json,
+) -> None:
+    """Export a reduced model to a checked static-shape ONNX graph and/or a validated TensorRT engine."""
+    from .. import export as lib
+
+    rec = common.resolve_target(
+        target, recipe, method, r, inflect, per_layer, keep, prop_attn, formulation or "scatter"
+    )
+    with common.console.status("exporting...") as status:
+        rep = lib.export(
+            rec,
+            onnx_out=onnx_out,
+            trt_out=trt_out,
+            batch=batch,
+            precision=precision,
+            formulation=formulation,
+            calib_images=calib_images,
+            check_images=check_images,
+            simplify=simplify,
+            weights=weights,
+            random_weights=random_weights,
+            timing_cache=timing_cache,
+            workspace_gb=workspace_gb,
+            min_agreement=min_agreement,
+            force=force,
+            progress=lambda msg: status.update(msg),
+        )
+    if json_:
+        common.print_json(rep.to_dict())
+    else:
+        render(rep)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(export)

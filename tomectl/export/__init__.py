@@ -1,0 +1,193 @@
+"""`tomectl export`: a reduced model as a validated static-shape ONNX graph and/or TensorRT engine.
+
+- `onnx.export_onnx`: torch's ONNX exporter at a fixed batch, onnx.checker, onnxruntime parity
+  with PyTorch on real images, optional onnxslim, JSON sidecar. Nothing is written unless every
+  check passes.
+- `tensorrt.build_engine` / `tensorrt.TrtRunner`: TensorRT 10.x or 11.x from that ONNX, validated
+  against onnxruntime, with a metadata JSON; `tensorrt.parse_problems` and `tensorrt.to_fp16`
+  need no GPU.
+- `export`: what the command does: build the model from a recipe, choose the merge formulation
+  for the backend, export, build.
+
+The merge formulation only changes the graph, never the numbers (see reduce/merge.py), so it is
+chosen per backend unless asked for:
+
+- TensorRT: "onehot" (Equal + MatMul, no Scatter): ScatterElements with a reduction runs only
+  through TensorRT's plugin library and ScatterND with one is refused.
+- onnxruntime (CPU): "onehot" too, by measurement (benchmarks/ort_latency.py --formulations,
+  DeiT-S at 224 px, one thread, each session in its own process, shared 2-core machine): the
+  onehot graph took 0.94-0.99x the scatter graph's time at r = 8, 13, 16 and batch 1 and 8 (two
+  runs), i.e. no slower; so one ONNX file serves both backends. Its extra MatMul grows with the
+  square of the token count, so "scatter" may win for high-resolution models: measure there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..errors import UserError
+from ..recipe import Recipe, check_formulation
+from .onnx import DEFAULT_CHECK_IMAGES, ExportCheckError, OnnxExportResult, Progress, export_onnx
+
+DEFAULT_FORMULATION = {"onnxruntime": "onehot", "tensorrt": "onehot"}
+DEFAULT_CHECK_IMAGES_TRT = 64
+
+
+@dataclass
+class ExportReport:
+    model: str
+    method: str
+    schedule: str
+    tokens_per_layer: list[int]
+    gmacs_base: float
+    gmacs: float
+    formulation: str
+    formulation_reason: str
+    weights: dict = field(default_factory=dict)
+    onnx: Optional[OnnxExportResult] = None
+    engine: Optional[object] = None  # tensorrt.EngineResult
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k not in ("onnx", "engine")}
+        d["onnx"] = self.onnx.to_dict() if self.onnx else None
+        d["engine"] = self.engine.to_dict() if self.engine else None
+        return d
+
+
+def _check_outputs(paths: list[Path], force: bool) -> None:
+    for p in paths:
+        if p.is_dir():
+            raise UserError(f"{p} is a directory; name the file to write")
+        for f in (p, p.with_name(p.name + ".json")):
+            if f.exists() and not force:
+                raise UserError(f"{f} already exists; pass --force to replace it")
+
+
+def export(
+    recipe: Recipe,
+    *,
+    onnx_out: Optional[str | Path] = None,
+    trt_out: Optional[str | Path] = None,
+    batch: int = 1,
+    precision: str = "fp32",
+    formulation: Optional[str] = None,
+    calib_images: Optional[str | Path] = None,
+    check_images: Optional[int] = None,
+    simplify: bool = True,
+    weights: Optional[str | Path] = None,
+    random_weights: bool = False,
+    timing_cache: Optional[str | Path] = None,
+    workspace_gb: Optional[float] = None,
+    min_agreement: Optional[float] = None,
+    force: bool = False,
+    progress: Progress = None,
+) -> ExportReport:
+    """Build the model `recipe` describes and export it (ONNX, TensorRT or both)."""
+    from ..adapters import adapter_for
+    from ..build import build
+    from ..models import preprocessing
+    from .onnx import check_inputs_for
+
+    if onnx_out is None and trt_out is None:
+        raise UserError("say what to write: --onnx FILE, --trt FILE, or both")
+    if batch < 1:
+        raise UserError(f"--batch must be at least 1, got {batch}")
+    if trt_out is None and precision != "fp32":
+        raise UserError(
+            "--precision applies to TensorRT engines (--trt FILE); ONNX graphs are written in fp32"
+        )
+    if check_images is not None and check_images < 1:
+        raise UserError(f"--check-images must be at least 1, got {check_images}")
+    _check_outputs([Path(p) for p in (onnx_out, trt_out) if p is not None], force)
+    if calib_images is not None and not Path(calib_images).is_dir():
+        raise UserError(f"--calib-images {calib_images} is not a folder of images")
+
+    tensorrt = None
+    if trt_out is not None:  # fail before the minutes of export when TensorRT cannot run here
+        from . import tensorrt
+
+        trt = tensorrt.require_tensorrt()
+        tensorrt.plan_build(trt.__version__, precision)
+
+    backend = "tensorrt" if trt_out is not None else "onnxruntime"
+    if formulation is None:
+        formulation, reason = DEFAULT_FORMULATION[backend], f"default for {backend}"
+    else:
+        check_formulation(formulation, "--formulation")
+        reason = "asked for"
+
+    built = build(recipe, weights=weights, random_weights=random_weights)
+    model = built.model
+    adapter = adapter_for(model)
+    adapter.install(
+        model, dataclasses.replace(model.tomectl_plan, formulation=formulation, track_source=False)
+    )
+    pre = preprocessing(model)
+    n = check_images or (DEFAULT_CHECK_IMAGES_TRT if trt_out is not None else DEFAULT_CHECK_IMAGES)
+    if progress:
+        progress("loading check images...")
+    inputs = check_inputs_for(model, max(n, batch), calib_images)
+    macs, base = built.macs().gmacs, built.base_macs().gmacs
+    meta = {
+        "model": recipe.model,
+        "weights": built.loaded.weights.to_dict(),
+        "recipe": recipe.to_dict(),
+        "gmacs": round(macs, 4),
+        "gmacs_base": round(base, 4),
+    }
+    report = ExportReport(
+        model=recipe.model,
+        method=recipe.method,
+        schedule=recipe.schedule.describe(),
+        tokens_per_layer=built.tokens,
+        gmacs_base=base,
+        gmacs=macs,
+        formulation=formulation,
+        formulation_reason=reason,
+        weights=built.loaded.weights.to_dict(),
+    )
+
+    with tempfile.TemporaryDirectory(prefix="tomectl-export-") as td:
+        onnx_path = Path(onnx_out) if onnx_out is not None else Path(td) / "model.onnx"
+        report.onnx = export_onnx(
+            model,
+            onnx_path,
+            batch=batch,
+            input_size=pre["input_size"],
+            check_inputs=inputs,
+            simplify=simplify,
+            meta=meta,
+            progress=progress,
+        )
+        if onnx_out is None:
+            report.onnx.path = report.onnx.sidecar = None
+        if trt_out is not None:
+            kwargs = {} if workspace_gb is None else {"workspace_gb": workspace_gb}
+            report.engine = tensorrt.build_engine(
+                onnx_path,
+                trt_out,
+                precision=precision,
+                batch=batch,
+                calib_images=inputs.images,
+                check_images=inputs.images,
+                timing_cache=timing_cache,
+                min_agreement=min_agreement,
+                meta={**meta, "formulation": formulation},
+                progress=progress,
+                **kwargs,
+            )
+    return report
+
+
+__all__ = [
+    "DEFAULT_FORMULATION",
+    "ExportCheckError",
+    "ExportReport",
+    "OnnxExportResult",
+    "export",
+    "export_onnx",
+]

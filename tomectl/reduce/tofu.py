@@ -1,0 +1,107 @@
+"""ToFu: Token Fusion (Kim et al., "Token Fusion: Bridging the Gap between Token Pruning and Token
+Merging", WACV 2024, arXiv 2312.01026).
+
+1. Matching: ToMe's bipartite soft matching on the attention keys, in every layer
+   (`tome.bipartite_soft_matching`, reused as it is).
+2. Early layers respond non-linearly to interpolated inputs, so averaging two tokens there moves
+   the features off the distribution: before the transition layer the matched source token is
+   *pruned* (dropped; its destination stays exactly as it was, its size is not added).
+3. Later layers are close to linear, so tokens are *merged* there, with MLERP: the size-weighted
+   average keeps its direction and takes the largest norm among the merged tokens,
+   ``x = avg / |avg| * max_i |x_i|`` (`merge.mlerp_rescale`), instead of the shrunken norm of a
+   plain average of dissimilar vectors.
+
+Options: ``transition``, the first merging block; by default the first ``L // 2 + 1`` blocks prune
+and the rest merge (blocks 0-6 prune, 7-11 merge on a 12-block ViT), the split public ToFu code
+for timm uses. ``norm``: "max" (MLERP as above) or "mean" (the members' size-weighted mean norm,
+a sums-only variant kept for comparison).
+
+Note on the divisor: third-party MLERP code rescales the merged token by ``max_norm / |x_dst|``,
+the destination's norm *before* merging, which gives the result the norm
+``|avg| * max_norm / |x_dst|``, not ``max_norm``. Here the average is divided by its own norm, so
+the merged norm is exactly the largest member norm, as the method is described.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..errors import UserError
+from .base import ReductionMethod, Signals
+from .merge import NORMS, Decision
+from .tome import bipartite_soft_matching
+
+
+def matched_sources(decision: Decision, n_tokens: int, r: int, protected: int) -> torch.Tensor:
+    """[B, N] bool: the tokens `bipartite_soft_matching` sends into a B token's slot.
+
+    Its output layout is [protected, unmerged A, B]: an A token (even unprotected position) whose
+    slot lies in the B range was matched.
+    """
+    n_free = n_tokens - protected
+    n_a = (n_free + 1) // 2
+    b_base = protected + n_a - r
+    pos = torch.arange(n_tokens, device=decision.dst.device)
+    is_a = (pos >= protected) & ((pos - protected) % 2 == 0)
+    return is_a & (decision.dst >= b_base)
+
+
+def token_fusion(metric: torch.Tensor, r: int, protected: int, prune: bool,
+                 norm: str = "max") -> Optional[Decision]:
+    """One ToFu step.
+
+    metric:    [B, N, C] features to match (the keys averaged over heads).
+    r:         tokens to remove, 0 <= r <= (N - protected) // 2.
+    protected: leading tokens never touched.
+    prune:     True: drop each matched source (weight 0), its destination unchanged.
+               False: merge each pair with MLERP (norm of the result = the largest member norm).
+    Returns a Decision with n_out = N - r, or None for r = 0.
+    """
+    decision = bipartite_soft_matching(metric, r, protected)
+    if decision is None:
+        return None
+    if not prune:
+        return Decision(dst=decision.dst, n_out=decision.n_out, norm=norm)
+    src = matched_sources(decision, metric.shape[1], r, protected)
+    weight = (~src).to(metric.dtype)
+    return Decision(dst=decision.dst, n_out=decision.n_out, weight=weight)
+
+
+class ToFu(ReductionMethod):
+    """Token Fusion: prune matched tokens before `transition`, MLERP-merge them from it on."""
+
+    name = "tofu"
+    option_defaults = {"transition": None, "norm": "max"}  # transition None: L // 2 + 1
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        t = self.options["transition"]
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 0):
+            raise UserError(f"method 'tofu': option transition must be a block index >= 0, got {t!r}")
+        if self.options["norm"] not in NORMS:
+            raise UserError(f"method 'tofu': option norm must be one of {', '.join(NORMS)}, "
+                            f"got {self.options['norm']!r}")
+
+    def transition(self, n_layers: int) -> int:
+        """First block (0-based) that merges; earlier blocks prune."""
+        t = self.options["transition"]
+        return n_layers // 2 + 1 if t is None else t
+
+    def capacity(self, n_tokens: int, protected: int) -> int:
+        return (n_tokens - protected) // 2
+
+    def overhead_macs(self, n_tokens: int, amount: int, protected: int, head_dim: int,
+                      num_heads: int = 1) -> int:
+        if amount <= 0:
+            return 0
+        n_free = n_tokens - protected
+        return ((n_free + 1) // 2) * (n_free // 2) * head_dim  # the A x B similarity matmul, as ToMe
+
+    def decide(self, amount: int, signals: Signals) -> Optional[Decision]:
+        if signals.layer < 0 or signals.n_layers <= 0:
+            raise ValueError("ToFu needs the block index and depth (Signals.layer, n_layers)")
+        metric = signals.keys.mean(dim=1)  # [B, N, d]: keys averaged over heads, as ToMe
+        prune = signals.layer < self.transition(signals.n_layers)
+        return token_fusion(metric, amount, signals.state.protected, prune, self.options["norm"])
