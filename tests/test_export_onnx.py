@@ -166,6 +166,17 @@ def test_simplified_graph_is_kept_only_when_it_keeps_parity(tmp_path, monkeypatc
     assert any("lost parity" in n for n in res.notes)
     assert res.max_abs_diff < ATOL
 
+    def bloated_slim(proto):  # fewer nodes, but a constant folded into a much larger file
+        proto = onnx.ModelProto.FromString(proto.SerializeToString())
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(1 << 20, np.int64), "folded"))
+        proto.graph.node.pop()
+        return proto
+
+    monkeypatch.setattr(onnx_export, "simplify", bloated_slim)
+    images = torch.randn(2, *SIZE)
+    res = export_onnx(model, tmp_path / "m2.onnx", batch=1, input_size=SIZE, check_inputs=images)
+    assert not res.simplified and any("larger (constants folded in)" in n for n in res.notes)
+
 
 class Step(torch.nn.Module):
     """Logits with a hard decision at x[0] = 0, like a merge decision at a similarity tie."""

@@ -27,6 +27,22 @@ RECIPE = "recipe.yaml"
 SUMMARY = "summary.json"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(path: Path) -> None:
+    """mkdtemp/mkstemp create private (0700/0600) entries: give outputs the usual umask permissions."""
+    mask = _umask()
+    if path.is_dir():
+        for p in [path, *path.rglob("*")]:
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+    else:
+        path.chmod(0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `out` only if the block finishes."""
@@ -37,6 +53,7 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        _publish(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
@@ -61,6 +78,7 @@ def atomic_file(out: str | Path, force: bool = True) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        _publish(tmp)
         os.replace(tmp, out)
     finally:
         if tmp.exists():

@@ -414,16 +414,16 @@ def _ceil(v: float, digits: int) -> float:
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
 
 
-SCREEN_IMAGES = 64  # family candidates are first screened on this many images
-FINALISTS = 4  # how many screened candidates are scored on all images
+SCREEN_IMAGES = 48  # family candidates are first screened on this many images
+FINALISTS = 3  # how many screened candidates are scored on all images
 
 
 def search_flops(space: Space, scorer: Optional[Scorer], target_gmacs: float, *, search_evals: int = 12,
                  seed: int = 0, progress: Optional[ProgressFn] = None) -> list[Candidate]:
     """All candidates (families + search) fitting `target_gmacs`, scored where a scorer is given.
 
-    Family candidates are screened on the first 64 images; the 4 best (and constant r of each
-    method, the usual baseline) are scored on all images; the search then runs on all images."""
+    Family candidates are screened on the first 48 images; the 3 best (and constant-r ToMe, the
+    usual baseline) are scored on all images; the search then runs on all images."""
 
     def fits_for(method):
         return lambda removed: space.gmacs(method, removed) <= target_gmacs + 1e-12
@@ -435,7 +435,7 @@ def search_flops(space: Space, scorer: Optional[Scorer], target_gmacs: float, *,
         return cands
     n_all = len(scorer.images)
     screen = min(SCREEN_IMAGES, n_all)
-    total = len(cands) + FINALISTS + len(space.methods) + search_evals
+    total = len(cands) + FINALISTS + 1 + search_evals
     done = 0
     for c in cands:
         scorer.score(c, screen)
@@ -443,7 +443,7 @@ def search_flops(space: Space, scorer: Optional[Scorer], target_gmacs: float, *,
         if progress:
             progress("candidates", done, total)
     finalists = sorted(cands, key=Candidate.rank_key)[:FINALISTS]
-    finalists += [c for c in cands if c.family == "constant" and c not in finalists]
+    finalists += [c for c in cands if c.family == "constant" and c.method == "tome" and c not in finalists]
     for c in finalists:
         scorer.score(c)
         done += 1
@@ -559,7 +559,7 @@ def calibrate(
     methods: Optional[Sequence[str]] = None,
     weights: Optional[str | Path] = None,
     random_weights: bool = False,
-    search_evals: int = 12,
+    search_evals: int = 10,
     seed: int = 0,
     threads: Optional[int] = None,
     progress: Optional[ProgressFn] = None,

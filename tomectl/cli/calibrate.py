@@ -50,7 +50,7 @@ def calibrate(
     n_images: int = typer.Option(lib.DEFAULT_IMAGES, "--n-images", help="How many calibration images."),
     resize: str = typer.Option("timm", "--resize", help="timm (resize + centre crop) or squash."),
     method: Optional[str] = typer.Option(None, "--method", "-m", help="Restrict to these methods (comma-separated)."),
-    search_evals: int = typer.Option(12, "--search-evals", help="Per-layer search evaluations."),
+    search_evals: int = typer.Option(10, "--search-evals", help="Per-layer search evaluations."),
     seed: int = typer.Option(0, "--seed", help="Search seed."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads for latency measurements."),
     weights: Optional[Path] = common.Weights,

@@ -26,7 +26,7 @@ def render(rep) -> None:
         nodes = f"{o.nodes} nodes"
         if o.nodes_simplified is not None:
             nodes += f" -> {o.nodes_simplified} after onnxslim" + (
-                "" if o.simplified else " (not kept: lost parity)"
+                "" if o.simplified else " (not kept, see note)"
             )
         if o.path:
             t.add_row("ONNX", f"{o.path}  (+ {Path(o.sidecar).name})")

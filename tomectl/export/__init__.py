@@ -135,7 +135,7 @@ def export(
     meta = {
         "model": recipe.model,
         "weights": built.loaded.weights.to_dict(),
-        "recipe": recipe.to_dict(),
+        "recipe": dataclasses.replace(recipe, formulation=formulation).to_dict(),
         "gmacs": round(macs, 4),
         "gmacs_base": round(base, 4),
     }

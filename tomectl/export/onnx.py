@@ -13,9 +13,10 @@ at the output path only when all of them pass:
    ScatterElements *without any error* (wrong numbers), and its ``verify=True`` only logs large
    differences, so nothing short of running the graph can be trusted.
 
-Graph simplification (onnxslim, when installed) is kept only where the simplified graph passes the
-same parity check. A JSON sidecar ``<out>.json`` records the input name and shape, the
-preprocessing a deployment needs, the reduction, the parity figures and the versions.
+Graph simplification (onnxslim, when installed) is kept only where it removes nodes without
+growing the file (it can fold index Expands into large constants) and passes the same parity
+check. A JSON sidecar ``<out>.json`` records the input name and shape, the preprocessing a
+deployment needs, the reduction, the parity figures and the versions.
 
 ToMe sorts its edges with ``argsort(stable=True)``, which torch's exporter has no translation for
 (``aten.sort.stable``). ONNX TopK is specified to break ties by the lower index, which is exactly
@@ -48,6 +49,7 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 ATOL = 1e-4
 DEFAULT_CHECK_IMAGES = 16
+SLIM_MAX_GROWTH = 1.01  # onnxslim can fold index Expands into large constants: not worth one node
 NEAR_TIE_EPS = 1e-6  # relative input noise that stands in for float rounding differences
 NEAR_TIE_TRIES = 16
 MAX_PROTO_BYTES = 2**31 - 1  # protobuf limit; larger models would need ONNX external data
@@ -419,9 +421,12 @@ def export_onnx(
                 notes.append(why)
             else:
                 nodes_simplified = len(slim.graph.node)
+                grew = slim.ByteSize() / max(proto.ByteSize(), 1)
                 if nodes_simplified >= nodes:
+                    notes.append(f"onnxslim gave {nodes_simplified} nodes for {nodes}: kept the exported one")
+                elif grew > SLIM_MAX_GROWTH:
                     notes.append(
-                        f"onnxslim gave {nodes_simplified} nodes for {nodes}: kept the exported graph"
+                        f"onnxslim's graph is {grew:.2f}x larger (constants folded in): kept the exported one"
                     )
                 else:
                     slim_path = Path(td) / "simplified.onnx"
