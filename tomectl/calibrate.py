@@ -664,12 +664,13 @@ def markdown(result: CalibrationResult, n_tokens: int) -> str:
         f"- unreduced: {result.base_gmacs:.3f} GMACs"
         + (f", {result.base_latency_ms:.2f} ms" if result.base_latency_ms else ""),
         f"- scored on {result.n_images} images" + (f" from `{result.images}`" if result.images else "")
-        + " against the unreduced model; ranked by mean KL, then agreement",
+        + " against the unreduced model (family candidates screened on the first "
+        + f"{min(SCREEN_IMAGES, result.n_images)}); ranked by mean KL, then agreement",
         f"- latency measurements: {result.latency_measurements}" if result.budget.is_latency else "",
         f"- time: {result.seconds:.1f} s",
         "",
-        "| | method | schedule | removed per layer | final tokens | GMACs | latency ms | agreement | KL | top-1 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| | method | schedule | removed per layer | final tokens | GMACs | latency ms | images | agreement | KL | top-1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     def fmt(v, f):
         return "" if v is None else format(v, f)
@@ -677,7 +678,7 @@ def markdown(result: CalibrationResult, n_tokens: int) -> str:
     for c in sorted(result.candidates, key=lambda c: (not c.chosen, c.kl if c.kl is not None else 9e9, c.gmacs)):
         lines.append(
             f"| {'**chosen**' if c.chosen else ''} | {c.method} | {c.family} | {' '.join(map(str, c.removed))} | "
-            f"{token_counts(c.removed, n_tokens)[-1]} | {c.gmacs:.3f} | {fmt(c.latency_ms, '.2f')} | "
+            f"{token_counts(c.removed, n_tokens)[-1]} | {c.gmacs:.3f} | {fmt(c.latency_ms, '.2f')} | {c.n_scored or ''} | "
             f"{fmt(c.agreement, '.1%')} | {fmt(c.kl, '.4f')} | {fmt(c.top1, '.1%')} |"
         )
     for n in result.notes:
@@ -692,7 +693,8 @@ def plot_frontier(result: CalibrationResult, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    scored = [c for c in result.candidates if c.agreement is not None]
+    # only candidates scored on all images (screened-only ones saw a subset: not comparable)
+    scored = [c for c in result.candidates if c.agreement is not None and c.n_scored == result.n_images]
     use_latency = result.budget.is_latency and all(c.latency_ms is not None for c in result.candidates)
     xs_of = (lambda c: c.latency_ms) if use_latency else (lambda c: c.gmacs)
     if scored:

@@ -16,12 +16,12 @@ from . import common
 
 def _render(res: lib.CalibrationResult, out: Path) -> None:
     t = Table(title=f"tomectl calibrate: {res.model}, {res.budget.describe()}", title_justify="left")
-    for col in ("", "method", "schedule", "GMACs", "latency ms", "agreement", "KL"):
-        t.add_column(col, justify="right" if col in ("GMACs", "latency ms", "agreement", "KL") else "left")
-    ranked = sorted(res.candidates, key=lambda c: (not c.chosen, c.kl if c.kl is not None else 9e9, c.gmacs))
+    for col in ("", "method", "schedule", "GMACs", "latency ms", "images", "agreement", "KL"):
+        t.add_column(col, justify="left" if col in ("", "method", "schedule") else "right")
+    ranked = sorted(res.candidates, key=lambda c: (not c.chosen, -c.n_scored, c.kl if c.kl is not None else 9e9))
     for c in ranked[:12]:
         t.add_row("*" if c.chosen else "", c.method, c.family, f"{c.gmacs:.3f}",
-                  "" if c.latency_ms is None else f"{c.latency_ms:.2f}",
+                  "" if c.latency_ms is None else f"{c.latency_ms:.2f}", str(c.n_scored or ""),
                   "" if c.agreement is None else f"{c.agreement:.1%}", "" if c.kl is None else f"{c.kl:.4f}")
     common.out.print(t)
     c = res.chosen
