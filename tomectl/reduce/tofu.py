@@ -29,9 +29,9 @@ from typing import Optional
 import torch
 
 from ..errors import UserError
-from .base import ReductionMethod, Signals
+from .base import Signals
 from .merge import NORMS, Decision
-from .tome import bipartite_soft_matching
+from .tome import ToMe, bipartite_soft_matching
 
 
 def matched_sources(decision: Decision, n_tokens: int, r: int, protected: int) -> torch.Tensor:
@@ -69,7 +69,7 @@ def token_fusion(metric: torch.Tensor, r: int, protected: int, prune: bool,
     return Decision(dst=decision.dst, n_out=decision.n_out, weight=weight)
 
 
-class ToFu(ReductionMethod):
+class ToFu(ToMe):
     """Token Fusion: prune matched tokens before `transition`, MLERP-merge them from it on."""
 
     name = "tofu"
@@ -88,16 +88,6 @@ class ToFu(ReductionMethod):
         """First block (0-based) that merges; earlier blocks prune."""
         t = self.options["transition"]
         return n_layers // 2 + 1 if t is None else t
-
-    def capacity(self, n_tokens: int, protected: int) -> int:
-        return (n_tokens - protected) // 2
-
-    def overhead_macs(self, n_tokens: int, amount: int, protected: int, head_dim: int,
-                      num_heads: int = 1) -> int:
-        if amount <= 0:
-            return 0
-        n_free = n_tokens - protected
-        return ((n_free + 1) // 2) * (n_free // 2) * head_dim  # the A x B similarity matmul, as ToMe
 
     def decide(self, amount: int, signals: Signals) -> Optional[Decision]:
         if signals.layer < 0 or signals.n_layers <= 0:
