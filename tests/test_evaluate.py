@@ -139,7 +139,7 @@ def test_undecodable_image_skipped_and_counted(val_dir, tiny_weights, tmp_path):
     bad.parent.mkdir(exist_ok=True)
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG at all")
     res = evaluate.evaluate(Recipe(TINY, Schedule.make(r=13)), root, resize="squash", weights=tiny_weights,
-                            batch_size=2, workers=1)  # a worker process: the skip crosses the DataLoader
+                            batch_size=2, workers=1, threads=1)  # the skip crosses a DataLoader worker
     assert res.data["images"] == 4
     assert res.data["evaluated"] == 3 and res.data["skipped"] == 1
     assert res.data["skipped_paths"] == [str(bad)]
@@ -148,7 +148,7 @@ def test_undecodable_image_skipped_and_counted(val_dir, tiny_weights, tmp_path):
 
 def test_eval_agreement_on_real_images(val_dir, tiny_weights, tmp_path, capsys):
     """r=0 agrees with itself exactly; r=13's reference is the same unreduced model; plausible top-1."""
-    common = dict(resize="squash", limit=32, weights=tiny_weights, workers=0, batch_size=16)
+    common = dict(resize="squash", limit=32, weights=tiny_weights, workers=0, batch_size=16, threads=1)
     base = evaluate.evaluate(Recipe(TINY, Schedule.make(r=0)), val_dir, **common)
     c0 = base.comparison
     assert c0.n == 32 and c0.agreement == 1.0 and c0.kl == pytest.approx(0.0, abs=1e-6)
@@ -188,7 +188,7 @@ def test_cli_eval_json_and_out(val_dir, tiny_weights, tmp_path, capsys):
     root = _copy_tree(_real_images(val_dir, 4), tmp_path / "val")
     out = tmp_path / "res" / "eval.json"
     rc = main(["eval", TINY, "--r", "8", "--weights", str(tiny_weights), "--data", str(root),
-               "--resize", "squash", "--workers", "0", "--json", "--out", str(out)])
+               "--resize", "squash", "--workers", "0", "--threads", "1", "--json", "--out", str(out)])
     assert rc == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out.read_text())

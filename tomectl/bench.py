@@ -1,12 +1,11 @@
 """`tomectl bench`: latency, throughput and memory of reduced models beside the unreduced one.
 
-Every (backend, batch, schedule) configuration is timed in its own fresh process (``python -m
-tomectl.bench --worker SPEC OUT``): onnxruntime's spinning thread pool, torch's OpenMP pool, the
-allocator's state and a compiled graph would otherwise disturb the timings of whatever runs next
-in the same process. The parent builds the models, counts GMACs analytically, exports the ONNX
-files (export is not timed) and then runs the workers one after another; with ``rounds > 1`` all
-configurations are run round-robin that many times and their samples pooled, so slow drift of a
-shared machine hits the reduced and the unreduced rows alike.
+Every (backend, batch, schedule) configuration is timed in its own fresh process
+(`tomectl.bench_worker`): onnxruntime's spinning thread pool, torch's OpenMP pool, the allocator's
+state and a compiled graph would otherwise disturb whatever runs next in the same process. The
+parent builds the models, counts GMACs analytically and exports the ONNX graphs (not timed), then
+runs the workers one after another. With ``rounds > 1`` all configurations run round-robin that
+many times and their samples are pooled, so drift of a shared machine hits every row alike.
 
 Backends: ``torch`` (eager CPU), ``torch-compile`` (``torch.compile``), ``torch-cuda``, ``ort``
 (onnxruntime CPU), ``ort-cuda`` / ``ort-trt`` (onnxruntime's CUDA / TensorRT providers) and ``trt``
@@ -17,19 +16,23 @@ report.json (`BenchReport.to_dict`), schema_version 1:
     schema_version  1
     kind            "bench"
     model           timm model name
-    config          {warmup, iters, duration_s, threads, rounds, random_weights, weights, backends, batches}
-    rows            one per (backend, batch, schedule), baseline (r=0) first within each group:
-        backend, batch, label ("r=13" or the artifact's name), schedule, method, removed_per_layer,
-        params, gmacs (analytic, per image), gmacs_base, flops_ratio (gmacs_base / gmacs),
-        latency_ms {mean, p10, p50, p90, p95, p99, min, std, n} per batch (n = timed iterations),
-        img_per_s (batch / mean latency), peak_mem_mb, mem_kind ("rss": the worker's peak resident
-        set during timing, model included; "cuda": torch.cuda.max_memory_allocated), threads,
-        speedup (baseline p50 / this p50, same backend and batch, same run), efficiency
-        (speedup / flops_ratio: 1.0 means every FLOP saved became time saved), error (null, or why
-        this configuration could not run)
-    evals           eval results given with --eval (target, schedule, gmacs, top1, agreement, ...)
-    provenance      {versions, machine, date}
-    notes           free-text caveats (e.g. "timings on a shared CPU")
+    config          {warmup, iters, duration_s, threads, rounds, random_weights, weights (source,
+                    path, sha256), backends, batches, input_size, simplify_onnx}
+    rows            one per (backend, batch, schedule), the baseline (r=0) first in each group:
+        backend, batch, label ("r=13" or the artifact's name), schedule, method, baseline (bool),
+        removed_per_layer, params, gmacs (analytic, per image), gmacs_base, flops_ratio
+        (gmacs_base / gmacs), latency_ms {mean, p10, p50, p90, p95, p99, min, std, n} of one
+        batch (n timed iterations, all rounds pooled), img_per_s (batch / mean latency),
+        peak_mem_mb, mem_kind ("rss": the worker's peak resident set while timing, model and
+        runtime included; "cuda": torch.cuda.max_memory_allocated), threads, speedup (the
+        baseline's p50 / this p50, same backend and batch, same run), efficiency (speedup /
+        flops_ratio: 1.0 means every multiply-accumulate saved became time saved), error (null,
+        or why this configuration could not run)
+    evals           accuracy from `tomectl eval --out` files given with --eval: target, model,
+                    schedule, gmacs, gmacs_base, top1, top5, agreement, ref_top1, n
+    provenance      {versions, machine (cpu, cpu_count, torch_threads, platform, gpu, bench_threads),
+                    date, load_average {start, end}: the 1-minute load average}
+    notes           free-text caveats (export parity, a busy machine, noisy rows)
 """
 
 from __future__ import annotations
@@ -40,22 +43,27 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
+from .bench_worker import ORT_PROVIDERS, run_worker
 from .errors import UserError
 from .recipe import Recipe
 
 SCHEMA_VERSION = 1
 BACKENDS = ("torch", "torch-compile", "torch-cuda", "ort", "ort-cuda", "ort-trt", "trt")
-ORT_PROVIDERS = {
-    "ort": ["CPUExecutionProvider"],
-    "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "ort-trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
+GPU_BACKENDS = ("torch-cuda", "ort-cuda", "ort-trt", "trt")
 WORKER_TIMEOUT_S = 1800
+NOISY_SPREAD = 0.25
+# ToMe's matching is a discrete choice: with random weights near-ties are common, and rounding that
+# differs between PyTorch and onnxruntime flips one now and then (measured on DeiT-T r=13: 2 of 16
+# images off by 2e-3 and 5e-3, the other 14 within 1e-6). The graph's cost does not depend on which
+# tokens merge, so a random-weights export is accepted at this tolerance; its parity goes in the notes.
+RANDOM_WEIGHTS_ATOL = 5e-2
+
+Progress = Optional[Callable[[str, int, int], None]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,7 +90,7 @@ class LatencyStats:
         return (self.p90 - self.p10) / self.p50 if self.p50 else float("inf")
 
     @staticmethod
-    def of(samples_ms: Sequence[float]) -> "LatencyStats":
+    def of(samples_ms: Sequence[float]) -> LatencyStats:
         if not samples_ms:
             raise ValueError("no latency samples")
         s = sorted(samples_ms)
@@ -132,18 +140,19 @@ class BenchRow:
         return self.batch * 1000.0 / self.latency.mean if self.latency else None
 
     def to_dict(self) -> dict:
+        def r4(v):
+            return None if v is None else round(v, 4)
+
         return {
             "backend": self.backend, "batch": self.batch, "label": self.label, "schedule": self.schedule,
             "method": self.method, "baseline": self.baseline, "removed_per_layer": self.removed_per_layer,
-            "params": self.params, "gmacs": round(self.gmacs, 4), "gmacs_base": round(self.gmacs_base, 4),
-            "flops_ratio": round(self.flops_ratio, 4),
+            "params": self.params, "gmacs": r4(self.gmacs), "gmacs_base": r4(self.gmacs_base),
+            "flops_ratio": r4(self.flops_ratio),
             "latency_ms": self.latency.to_dict() if self.latency else None,
-            "img_per_s": round(self.img_per_s, 2) if self.img_per_s else None,
-            "peak_mem_mb": round(self.peak_mem_mb, 1) if self.peak_mem_mb is not None else None,
+            "img_per_s": None if self.img_per_s is None else round(self.img_per_s, 2),
+            "peak_mem_mb": None if self.peak_mem_mb is None else round(self.peak_mem_mb, 1),
             "mem_kind": self.mem_kind, "threads": self.threads,
-            "speedup": round(self.speedup, 4) if self.speedup is not None else None,
-            "efficiency": round(self.efficiency, 4) if self.efficiency is not None else None,
-            "error": self.error,
+            "speedup": r4(self.speedup), "efficiency": r4(self.efficiency), "error": self.error,
         }
 
 
@@ -187,73 +196,71 @@ class Entry:
     recipe: Recipe
 
 
-def entries_for(target: str | Sequence[str], schedules: Optional[Sequence[int]] = None,
-                method: str = "tome", prop_attn: bool = True, formulation: str = "scatter") -> tuple[str, list[Entry]]:
+def entries_for(target: str | Sequence[str], schedules: Optional[Sequence[int]] = None, method: str = "tome",
+                prop_attn: bool = True, formulation: str = "scatter") -> tuple[str, list[Entry]]:
     """(model name, entries) for a model name + constant-r schedules, or artifact directories.
 
-    The unreduced baseline (r=0) is always the first entry; with artifacts, --r values add more
+    The unreduced baseline (r=0) is always the first entry; with artifacts, `schedules` add more
     constant schedules of the same model.
     """
     from .artifact import is_artifact, read
     from .schedule import Schedule
 
-    targets = [target] if isinstance(target, (str, Path)) else list(target)
+    targets = [str(target)] if isinstance(target, (str, Path)) else [str(t) for t in target]
     if not targets:
         raise UserError("name a model (e.g. deit_small_patch16_224) or one or more artifact directories")
-    artifacts = [t for t in targets if is_artifact(t)]
     entries: list[Entry] = []
-    if artifacts:
-        others = [t for t in targets if not is_artifact(t)]
-        if others:
-            raise UserError(f"{others[0]} is not an artifact directory (no recipe.yaml); give artifacts or one model")
-        for a in artifacts:
-            rec = read(a)[0]
-            entries.append(Entry(Path(a).name or str(a), rec))
-        names = {e.recipe.model for e in entries}
+    base_weights = None
+    if any(is_artifact(t) for t in targets):
+        for t in targets:
+            if not is_artifact(t):
+                raise UserError(f"{t} is not an artifact directory (no recipe.yaml); "
+                                "give artifacts or one model")
+            entries.append(Entry(Path(t).name or t, read(t)[0]))
+        names = sorted({e.recipe.model for e in entries})
         if len(names) > 1:
-            raise UserError(f"artifacts of different models ({', '.join(sorted(names))}); bench one model at a time")
-        model = entries[0].recipe.model
-        base_weights = entries[0].recipe.weights
+            raise UserError(f"artifacts of different models ({', '.join(names)}); bench one model at a time")
+        model, base_weights = names[0], entries[0].recipe.weights
+    elif len(targets) > 1:
+        raise UserError("give one model name (or several artifact directories)")
     else:
-        if len(targets) > 1:
-            raise UserError("give one model name (or several artifact directories)")
-        model = str(targets[0])
+        model = targets[0]
         if Path(model).is_dir():
             raise UserError(f"{model} is a directory but not an artifact (no recipe.yaml)")
-        base_weights = None
-    rs = list(schedules or [])
-    for r in rs:
+    for r in schedules or []:
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
             raise UserError(f"--r values must be whole numbers >= 0, got {r!r}")
-    rs = [r for r in dict.fromkeys(rs) if r != 0]
-    extra = [Entry(f"r={r}", Recipe(model=model, schedule=Schedule.make(r=r), method=method, prop_attn=prop_attn,
-                                     formulation=formulation, weights=base_weights)) for r in rs]
+    extra = [
+        Entry(f"r={r}", Recipe(model=model, schedule=Schedule.make(r=r), method=method, prop_attn=prop_attn,
+                               formulation=formulation, weights=base_weights))
+        for r in dict.fromkeys(schedules or []) if r != 0
+    ]
     base = Entry("r=0", Recipe(model=model, schedule=Schedule.make(r=0), method=method, weights=base_weights))
     return model, [base, *entries, *extra]
 
 
 def check_backends(backends: Sequence[str]) -> list[str]:
-    out = []
-    for b in backends:
-        if b not in BACKENDS:
-            raise UserError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
-        if b not in out:
-            out.append(b)
+    """The distinct backends asked for, each checked to be runnable here (one-line UserError)."""
+    out = list(dict.fromkeys(backends))
     if not out:
         raise UserError("give at least one backend (e.g. --backend torch,ort)")
-    need_cuda = [b for b in out if b in ("torch-cuda", "trt", "ort-cuda", "ort-trt")]
-    if need_cuda:
+    for b in out:
+        if b not in BACKENDS:
+            raise UserError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+    gpu = [b for b in out if b in GPU_BACKENDS]
+    if gpu:
         import torch
 
         if not torch.cuda.is_available():
-            raise UserError(f"backend {need_cuda[0]} needs a CUDA GPU and none is visible; use torch or ort")
+            raise UserError(f"backend {gpu[0]} needs a CUDA GPU and none is visible; use torch or ort")
     for b in out:
         if b in ("ort-cuda", "ort-trt"):
             import onnxruntime as ort
 
-            if ORT_PROVIDERS[b][0] not in ort.get_available_providers():
-                raise UserError(f"backend {b} needs onnxruntime's {ORT_PROVIDERS[b][0]}, which this install lacks "
-                                f"(available: {', '.join(ort.get_available_providers())})")
+            have = ort.get_available_providers()
+            if ORT_PROVIDERS[b][0] not in have:
+                raise UserError(f"backend {b} needs onnxruntime's {ORT_PROVIDERS[b][0]}, which this install "
+                                f"lacks (available: {', '.join(have)})")
         if b == "trt":
             try:
                 import tensorrt  # noqa: F401
@@ -262,196 +269,18 @@ def check_backends(backends: Sequence[str]) -> list[str]:
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# The worker: runs in its own process, times one configuration, writes JSON.
-
-
-def _peak_rss_reset() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) so the peak covers only what follows."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _time_loop(fn: Callable[[], None], warmup: int, iters: Optional[int], duration: Optional[float],
-               sync: Callable[[], None]) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    sync()
-    samples: list[float] = []
-    start = time.perf_counter()
-    while True:
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        samples.append((time.perf_counter() - t0) * 1000.0)
-        if duration is not None:
-            if time.perf_counter() - start >= duration and len(samples) >= 3:
-                break
-        elif len(samples) >= (iters or 1):
-            break
-    return samples
-
-
-def _torch_fn(spec: dict):
-    import torch
-
-    from .build import build
-    from .recipe import from_dict
-
-    recipe = from_dict(spec["recipe"], where="bench spec")
-    built = build(recipe, weights=spec.get("weights"), random_weights=spec.get("random_weights", False))
-    model = built.model
-    cuda = spec["backend"] == "torch-cuda"
-    device = torch.device("cuda" if cuda else "cpu")
-    model.to(device)
-    if spec["backend"] == "torch-compile":
-        model = torch.compile(model)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(spec["batch"], *spec["input_size"], generator=gen).to(device)
-
-    def fn() -> None:
-        with torch.inference_mode():
-            model(x)
-
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    return fn, sync, cuda
-
-
-def _ort_fn(spec: dict):
-    import numpy as np
-
-    from .export.onnx import ort_session
-
-    sess = ort_session(spec["onnx"], threads=spec["threads"])
-    want = ORT_PROVIDERS[spec["backend"]]
-    if sess.get_providers()[0] != want[0]:  # re-create with the requested providers
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(spec["onnx"], sess_options=_ort_options(sess, spec["threads"]), providers=want)
-    inp = sess.get_inputs()[0]
-    x = np.random.default_rng(0).standard_normal((spec["batch"], *spec["input_size"])).astype(np.float32)
-    feed = {inp.name: x}
-
-    def fn() -> None:
-        sess.run(None, feed)
-
-    return fn, (lambda: None), False
-
-
-def _ort_options(sess, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return opts
-
-
-def _trt_fn(spec: dict):
-    import torch
-
-    from .export.tensorrt import TrtRunner
-
-    runner = TrtRunner(spec["engine"])
-    x = torch.randn(spec["batch"], *spec["input_size"]).cuda()
-
-    def fn() -> None:
-        runner(x)
-
-    return fn, torch.cuda.synchronize, True
-
-
-def run_worker(spec: dict) -> dict:
-    """Time one configuration in this process: {samples_ms, peak_mem_mb, mem_kind, threads}."""
-    threads = spec["threads"]
-    import torch
-
-    torch.set_num_threads(threads)
-    backend = spec["backend"]
-    if backend.startswith("torch"):
-        fn, sync, cuda = _torch_fn(spec)
-    elif backend.startswith("ort"):
-        fn, sync, cuda = _ort_fn(spec)
-    elif backend == "trt":
-        fn, sync, cuda = _trt_fn(spec)
-    else:  # pragma: no cover - checked by check_backends
-        raise UserError(f"unknown backend {backend}")
-    fn()  # first call (allocations, compilation) outside the peak-memory window
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        _peak_rss_reset()
-    samples = _time_loop(fn, spec["warmup"], spec.get("iters"), spec.get("duration"), sync)
-    if cuda:
-        peak, kind = torch.cuda.max_memory_allocated() / 2**20, "cuda"
-    else:
-        peak, kind = _peak_rss_mb(), "rss"
-    return {"samples_ms": samples, "peak_mem_mb": peak, "mem_kind": kind, "threads": threads}
-
-
-def _worker_main(argv: list[str]) -> int:
-    spec_path, out_path = argv
-    spec = json.loads(Path(spec_path).read_text())
-    try:
-        result = run_worker(spec)
-    except UserError as e:
-        result = {"error": str(e)}
-    except Exception as e:  # reported in the row; the bench goes on with the other configurations
-        result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
-    Path(out_path).write_text(json.dumps(result))
-    return 0
-
-
-def _worker_env(threads: int) -> dict:
-    env = dict(os.environ)
-    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[k] = str(threads)
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    return env
-
-
-def run_isolated(spec: dict, workdir: Path, timeout: float = WORKER_TIMEOUT_S) -> dict:
-    """Run `run_worker(spec)` in a fresh Python process; returns its result dict."""
-    fd, spec_path = tempfile.mkstemp(suffix=".json", prefix="spec-", dir=workdir)
-    os.close(fd)
-    out_path = spec_path.replace("spec-", "out-")
-    Path(spec_path).write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "tomectl.bench", "--worker", spec_path, out_path]
-    try:
-        proc = subprocess.run(cmd, env=_worker_env(spec["threads"]), capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    if not Path(out_path).is_file():
-        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] or ["no output"]
-        return {"error": f"worker exited with code {proc.returncode}: {tail[0][:300]}"}
-    return json.loads(Path(out_path).read_text())
-
-
-# --------------------------------------------------------------------------------------------
-# The parent
-
-
 def _default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def _load_average() -> Optional[float]:
+    """The 1-minute load average (None where the platform has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _check_counts(warmup: int, iters: Optional[int], duration: Optional[float], batches: Sequence[int],
@@ -467,18 +296,15 @@ def _check_counts(warmup: int, iters: Optional[int], duration: Optional[float], 
     if threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
     if rounds < 1:
-        raise UserError(f"rounds must be >= 1, got {rounds}")
+        raise UserError(f"--rounds must be >= 1, got {rounds}")
 
 
-# ToMe's matching is a discrete choice: with random weights near-ties are common, and float rounding
-# that differs between PyTorch and onnxruntime flips one now and then (measured: 2 of 16 images off
-# by 2e-3 and 5e-3, the other 14 within 1e-6). The graph's cost does not depend on which tokens
-# merge, so a random-weights export is accepted at this tolerance (its parity goes in the notes).
-RANDOM_WEIGHTS_ATOL = 5e-2
+# --------------------------------------------------------------------------------------------
+# Exporting and running the workers
 
 
-def _export(recipe: Recipe, batch: int, *, onnx_out: Path, engine_out: Optional[Path] = None, weights=None,
-            random_weights: bool = False, simplify: bool = True) -> str:
+def export_for_bench(recipe: Recipe, batch: int, *, onnx_out: Path, engine_out: Optional[Path] = None,
+                     weights=None, random_weights: bool = False, simplify: bool = True) -> str:
     """Export `recipe` at `batch` to `onnx_out` (and a TensorRT engine) with tomectl's exporter,
     checked against PyTorch; returns a one-line parity note. UserError when the export fails.
 
@@ -509,6 +335,140 @@ def _export(recipe: Recipe, batch: int, *, onnx_out: Path, engine_out: Optional[
     return note
 
 
+def _worker_env(threads: int) -> dict:
+    env = dict(os.environ)
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[k] = str(threads)
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    return env
+
+
+def run_isolated(spec: dict, workdir: Path, timeout: float = WORKER_TIMEOUT_S) -> dict:
+    """`bench_worker.run_worker(spec)` in a fresh Python process; its result dict, or {error}."""
+    fd, spec_path = tempfile.mkstemp(suffix=".json", prefix="spec-", dir=workdir)
+    os.close(fd)
+    out_path = spec_path.replace("spec-", "out-")
+    Path(spec_path).write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "tomectl.bench_worker", spec_path, out_path]
+    try:
+        proc = subprocess.run(cmd, env=_worker_env(spec["threads"]), capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if not Path(out_path).is_file():
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"worker exited with code {proc.returncode}: {tail[0][:300]}"}
+    return json.loads(Path(out_path).read_text())
+
+
+@dataclass
+class _Graphs:
+    """Exported files per (label, batch), or why the export failed, with parity notes."""
+
+    files: dict = field(default_factory=dict)  # (kind, label, batch) -> path, kind "onnx" | "trt"
+    errors: dict = field(default_factory=dict)  # (kind, label, batch) -> message
+    notes: list = field(default_factory=list)
+
+
+def _export_all(entries, backends, batches, workdir: Path, tick, **kw) -> _Graphs:
+    g = _Graphs()
+    kinds = ["onnx"] if any(b.startswith("ort") for b in backends) else []
+    kinds += ["trt"] if "trt" in backends else []
+    for bs in batches:
+        for i, e in enumerate(entries):
+            for kind in kinds:
+                tick(f"{'export ONNX' if kind == 'onnx' else 'build TensorRT engine'} {e.label} batch {bs}")
+                onnx_path = workdir / f"{kind}{i}_b{bs}.onnx"
+                engine = workdir / f"trt{i}_b{bs}.engine" if kind == "trt" else None
+                try:
+                    note = export_for_bench(e.recipe, bs, onnx_out=onnx_path, engine_out=engine, **kw)
+                except UserError as err:
+                    g.errors[(kind, e.label, bs)] = str(err)
+                    continue
+                g.files[(kind, e.label, bs)] = engine or onnx_path
+                what = "ONNX" if kind == "onnx" else "TensorRT"
+                g.notes.append(f"{what} export {e.label} batch {bs}: {note}")
+    return g
+
+
+def _time_all(entries, backends, batches, rounds: int, graphs: _Graphs, base_spec: dict, workdir: Path,
+              tick) -> tuple[dict, dict]:
+    """Run every configuration `rounds` times round-robin: (pooled samples, last result) per key."""
+    samples: dict[tuple, list[float]] = {}
+    results: dict[tuple, dict] = {}
+    for rnd in range(rounds):
+        for backend in backends:
+            kind = "trt" if backend == "trt" else "onnx" if backend.startswith("ort") else None
+            for bs in batches:
+                for e in entries:
+                    key = (backend, bs, e.label)
+                    suffix = f" (round {rnd + 1}/{rounds})" if rounds > 1 else ""
+                    tick(f"{backend} batch {bs} {e.label}{suffix}")
+                    if "error" in results.get(key, {}):
+                        continue
+                    spec = dict(base_spec, backend=backend, batch=bs, recipe=e.recipe.to_dict())
+                    if kind is not None:
+                        path = graphs.files.get((kind, e.label, bs))
+                        if path is None:
+                            results[key] = {"error": graphs.errors.get((kind, e.label, bs), "export failed")}
+                            continue
+                        spec["onnx" if kind == "onnx" else "engine"] = str(path)
+                    res = run_isolated(spec, workdir)
+                    if "error" not in res:
+                        samples.setdefault(key, []).extend(res["samples_ms"])
+                        prev = results.get(key, {}).get("peak_mem_mb", 0.0)
+                        res["peak_mem_mb"] = max(res["peak_mem_mb"], prev)
+                    results[key] = res
+    return samples, results
+
+
+def _rows(entries, built: dict, backends, batches, samples: dict, results: dict,
+          threads: int) -> list[BenchRow]:
+    base_gmacs = built[entries[0].label].base_macs().gmacs
+    rows: list[BenchRow] = []
+    for backend in backends:
+        for bs in batches:
+            base_row = None
+            for e in entries:
+                b = built[e.label]
+                res = results.get((backend, bs, e.label), {"error": "not run"})
+                row = BenchRow(
+                    backend=backend, batch=bs, label=e.label, schedule=e.recipe.schedule.describe(),
+                    method=e.recipe.method, removed_per_layer=list(b.removed),
+                    params=sum(p.numel() for p in b.model.parameters()), gmacs=b.macs().gmacs,
+                    gmacs_base=base_gmacs, threads=threads, baseline=e is entries[0], error=res.get("error"),
+                )
+                if row.error is None:
+                    row.latency = LatencyStats.of(samples[(backend, bs, e.label)])
+                    row.peak_mem_mb, row.mem_kind = res["peak_mem_mb"], res["mem_kind"]
+                if row.baseline:
+                    base_row = row
+                if base_row is not None and base_row.latency and row.latency:
+                    row.speedup = base_row.latency.p50 / row.latency.p50
+                    row.efficiency = row.speedup / row.flops_ratio
+                rows.append(row)
+    return rows
+
+
+def _caveats(rows: list[BenchRow], loads: tuple[Optional[float], Optional[float]]) -> list[str]:
+    notes = []
+    cores = _default_threads()
+    if cores <= 4:
+        notes.append(f"small CPU ({cores} cores): compare rows of the same run, not across runs")
+    busy = [v for v in loads if v is not None and v > cores]
+    if busy:
+        notes.append(f"the machine was busy (load average {max(busy):.1f} on {cores} cores): other processes "
+                     "competed for the CPU; timings are noisy, multi-threaded ones most")
+    noisy = [r for r in rows if r.latency and r.latency.spread > NOISY_SPREAD]
+    if noisy:
+        notes.append(f"{len(noisy)} row(s) with a latency spread (p90-p10)/p50 over {NOISY_SPREAD:.0%}: "
+                     "treat their speedup with care, or run again with more --rounds")
+    return notes
+
+
+# --------------------------------------------------------------------------------------------
+
+
 def run_bench(
     target: str | Sequence[str],
     schedules: Optional[Sequence[int]] = (0, 8, 13, 16),
@@ -528,18 +488,19 @@ def run_bench(
     rounds: int = 1,
     simplify: bool = True,
     evals: Sequence[dict] = (),
-    progress: Optional[Callable[[str, int, int], None]] = None,
+    progress: Progress = None,
 ) -> BenchReport:
     """Time every (backend, batch, schedule) in its own process; see the module docstring.
 
     target: a timm model name (with `schedules`, constant r values; r=0 is always added) or one
-    or more artifact directories of one model. `progress(description, done, total)` is called
-    before each step and once at the end.
+    or more artifact directories of one model. `compile` adds the torch-compile backend beside
+    torch. `progress(description, done, total)` is called before each step and once at the end.
     """
     from .build import build
     from .models import preprocessing
     from .provenance import machine, now, versions
 
+    load_start = _load_average()
     threads = threads or _default_threads()
     _check_counts(warmup, iters, duration, batches, threads, rounds)
     backends = check_backends(list(backends) + (["torch-compile"] if compile and "torch" in backends else []))
@@ -547,14 +508,9 @@ def run_bench(
     batches = list(dict.fromkeys(int(b) for b in batches))
 
     # Build each configuration once here: validates schedules and weights, gives params and GMACs.
-    built = {}
-    for e in entries:
-        b = build(e.recipe, weights=weights, random_weights=random_weights)
-        built[e.label] = b
+    built = {e.label: build(e.recipe, weights=weights, random_weights=random_weights) for e in entries}
     first = built[entries[0].label]
-    input_size = preprocessing(first.model)["input_size"]
-    weights_desc = first.loaded.weights.to_dict()
-    base_gmacs = first.base_macs().gmacs
+    input_size = list(preprocessing(first.model)["input_size"])
 
     n_exports = any(b.startswith("ort") for b in backends) + ("trt" in backends)
     steps = len(entries) * len(batches) * (n_exports + len(backends) * rounds)
@@ -566,113 +522,31 @@ def run_bench(
             progress(desc, done, steps)
         done += 1
 
+    base_spec = {"input_size": input_size, "threads": threads, "warmup": warmup, "iters": iters,
+                 "duration": duration, "random_weights": random_weights,
+                 "weights": str(weights) if weights else None}
     workdir = Path(tempfile.mkdtemp(prefix="tomectl-bench-"))
     try:
-        onnx_files: dict[tuple[str, int], Path] = {}
-        engines: dict[tuple[str, int], Path] = {}
-        export_errors: dict[tuple[str, int], str] = {}
-        engine_errors: dict[tuple[str, int], str] = {}
-        parity: dict[tuple[str, int, str], str] = {}
-        for bs in batches:
-            for i, e in enumerate(entries):
-                kw = dict(weights=weights, random_weights=random_weights, simplify=simplify)
-                if any(b.startswith("ort") for b in backends):
-                    tick(f"export ONNX {e.label} batch {bs}")
-                    path = workdir / f"m{i}_b{bs}.onnx"
-                    try:
-                        parity[(e.label, bs, "onnx")] = _export(e.recipe, bs, onnx_out=path, **kw)
-                        onnx_files[(e.label, bs)] = path
-                    except UserError as err:
-                        export_errors[(e.label, bs)] = str(err)
-                if "trt" in backends:
-                    tick(f"build TensorRT engine {e.label} batch {bs}")
-                    eng = workdir / f"m{i}_b{bs}.engine"
-                    try:
-                        parity[(e.label, bs, "trt")] = _export(e.recipe, bs, onnx_out=workdir / f"t{i}_b{bs}.onnx",
-                                                               engine_out=eng, **kw)
-                        engines[(e.label, bs)] = eng
-                    except UserError as err:
-                        engine_errors[(e.label, bs)] = str(err)
-
-        samples: dict[tuple[str, int, str], list[float]] = {}
-        results: dict[tuple[str, int, str], dict] = {}
-        for rnd in range(rounds):
-            for backend in backends:
-                for bs in batches:
-                    for e in entries:
-                        key = (backend, bs, e.label)
-                        suffix = f" (round {rnd + 1}/{rounds})" if rounds > 1 else ""
-                        tick(f"{backend} batch {bs} {e.label}{suffix}")
-                        if key in results and "error" in results[key]:
-                            continue
-                        spec = {
-                            "backend": backend, "batch": bs, "input_size": list(input_size), "threads": threads,
-                            "warmup": warmup, "iters": iters, "duration": duration,
-                            "recipe": e.recipe.to_dict(), "random_weights": random_weights,
-                            "weights": str(weights) if weights else None,
-                        }
-                        if backend.startswith("ort"):
-                            if (e.label, bs) not in onnx_files:
-                                results[key] = {"error": export_errors.get((e.label, bs), "ONNX export failed")}
-                                continue
-                            spec["onnx"] = str(onnx_files[(e.label, bs)])
-                        if backend == "trt":
-                            if (e.label, bs) not in engines:
-                                results[key] = {"error": engine_errors.get((e.label, bs), "engine build failed")}
-                                continue
-                            spec["engine"] = str(engines[(e.label, bs)])
-                        res = run_isolated(spec, workdir)
-                        if "error" in res:
-                            results[key] = res
-                            continue
-                        samples.setdefault(key, []).extend(res["samples_ms"])
-                        prev = results.get(key, {})
-                        res["peak_mem_mb"] = max(res["peak_mem_mb"], prev.get("peak_mem_mb", 0.0))
-                        results[key] = res
-        if progress is not None:
-            progress("done", steps, steps)
+        graphs = _export_all(entries, backends, batches, workdir, tick, weights=weights,
+                             random_weights=random_weights, simplify=simplify)
+        samples, results = _time_all(entries, backends, batches, rounds, graphs, base_spec, workdir, tick)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    if progress is not None:
+        progress("done", steps, steps)
 
-    rows: list[BenchRow] = []
-    for backend in backends:
-        for bs in batches:
-            base_row = None
-            for e in entries:
-                b = built[e.label]
-                key = (backend, bs, e.label)
-                res = results.get(key, {"error": "not run"})
-                row = BenchRow(
-                    backend=backend, batch=bs, label=e.label, schedule=e.recipe.schedule.describe(),
-                    method=e.recipe.method, removed_per_layer=list(b.removed),
-                    params=sum(p.numel() for p in b.model.parameters()), gmacs=b.macs().gmacs,
-                    gmacs_base=base_gmacs, threads=threads, baseline=e is entries[0],
-                )
-                if "error" in res:
-                    row.error = res["error"]
-                else:
-                    row.latency = LatencyStats.of(samples[key])
-                    row.peak_mem_mb, row.mem_kind = res["peak_mem_mb"], res["mem_kind"]
-                if row.baseline:
-                    base_row = row
-                if base_row is not None and base_row.latency and row.latency:
-                    row.speedup = base_row.latency.p50 / row.latency.p50
-                    row.efficiency = row.speedup / row.flops_ratio
-                rows.append(row)
-
+    rows = _rows(entries, built, backends, batches, samples, results, threads)
+    load_end = _load_average()
     config = {
         "warmup": warmup, "iters": iters, "duration_s": duration, "threads": threads, "rounds": rounds,
-        "random_weights": random_weights, "weights": weights_desc, "backends": backends, "batches": batches,
-        "input_size": list(input_size), "simplify_onnx": simplify,
+        "random_weights": random_weights, "weights": first.loaded.weights.to_dict(), "backends": backends,
+        "batches": batches, "input_size": input_size, "simplify_onnx": simplify,
     }
-    notes = ["each configuration timed in its own process; speedup uses median (p50) latencies"]
-    for (label, bs, kind), text in parity.items():
-        notes.append(f"{'ONNX' if kind == 'onnx' else 'TensorRT'} export {label} batch {bs}: {text}")
-    if (os.cpu_count() or 1) <= 4:
-        notes.append(f"small CPU ({os.cpu_count()} cores): compare rows of the same run, not across runs")
-    return BenchReport(model=model, config=config, rows=rows,
-                       provenance={"versions": versions(), "machine": machine() | {"bench_threads": threads},
-                                   "date": now()},
+    notes = ["each configuration timed in its own process; speedup uses median (p50) latencies",
+             *graphs.notes, *_caveats(rows, (load_start, load_end))]
+    provenance = {"versions": versions(), "machine": machine() | {"bench_threads": threads}, "date": now(),
+                  "load_average": {"start": load_start, "end": load_end}}
+    return BenchReport(model=model, config=config, rows=rows, provenance=provenance,
                        evals=[eval_summary(d) for d in evals], notes=notes)
 
 
@@ -685,7 +559,7 @@ def eval_summary(doc: dict) -> dict:
         "target": doc.get("target"), "model": doc.get("model"), "schedule": doc.get("schedule"),
         "gmacs": doc.get("gmacs"), "gmacs_base": doc.get("gmacs_base"), "top1": doc.get("top1"),
         "top5": doc.get("top5"), "agreement": comp.get("agreement"), "ref_top1": comp.get("ref_top1"),
-        "n": doc.get("data", {}).get("evaluated"),
+        "n": (doc.get("data") or {}).get("evaluated"),
     }
 
 
@@ -716,8 +590,9 @@ def measure_latency(
     """Latency of one configuration (for `tomectl calibrate`'s latency budgets).
 
     Random weights by default: the time does not depend on the values. `isolate=False` times in
-    this process (faster to call many times, but disturbed by whatever else ran here). The ort
-    backends export the recipe to ONNX first unless `onnx` names an export of it at this batch.
+    this process (quicker to call many times, but disturbed by whatever else ran here). The ort
+    backends export the recipe first unless `onnx` names an export of it at this batch; trt
+    builds an engine first.
     """
     from .build import build
     from .models import preprocessing
@@ -726,34 +601,26 @@ def measure_latency(
     _check_counts(warmup, iters, duration, [batch], threads, 1)
     check_backends([backend])
     built = build(recipe, weights=weights, random_weights=random_weights)
-    input_size = preprocessing(built.model)["input_size"]
-    spec = {"backend": backend, "batch": batch, "input_size": list(input_size), "threads": threads,
-            "warmup": warmup, "iters": iters, "duration": duration, "recipe": recipe.to_dict(),
-            "random_weights": random_weights, "weights": str(weights) if weights else None}
+    spec = {"backend": backend, "batch": batch, "input_size": list(preprocessing(built.model)["input_size"]),
+            "threads": threads, "warmup": warmup, "iters": iters, "duration": duration,
+            "recipe": recipe.to_dict(), "random_weights": random_weights,
+            "weights": str(weights) if weights else None}
     workdir = Path(tempfile.mkdtemp(prefix="tomectl-lat-"))
     try:
-        kw = dict(weights=weights, random_weights=random_weights, simplify=True)
+        kw = dict(weights=weights, random_weights=random_weights)
         if backend.startswith("ort"):
             if onnx is None:
                 onnx = workdir / "model.onnx"
-                _export(recipe, batch, onnx_out=Path(onnx), **kw)
+                export_for_bench(recipe, batch, onnx_out=Path(onnx), **kw)
             spec["onnx"] = str(onnx)
         elif backend == "trt":
             spec["engine"] = str(workdir / "model.engine")
-            _export(recipe, batch, onnx_out=workdir / "model.onnx", engine_out=Path(spec["engine"]), **kw)
+            export_for_bench(recipe, batch, onnx_out=workdir / "model.onnx", engine_out=Path(spec["engine"]),
+                             **kw)
         res = run_isolated(spec, workdir) if isolate else run_worker(spec)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if "error" in res:
-        raise UserError(f"could not time {recipe.model} {recipe.schedule.describe()} on {backend}: {res['error']}")
+        what = f"{recipe.model} {recipe.schedule.describe()} on {backend}"
+        raise UserError(f"could not time {what}: {res['error']}")
     return LatencyStats.of(res["samples_ms"])
-
-
-def with_evals(report: BenchReport, evals: Sequence[dict]) -> BenchReport:
-    return replace(report, evals=[*report.evals, *evals])
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        sys.exit(_worker_main(sys.argv[2:]))
-    sys.exit("usage: python -m tomectl.bench --worker SPEC.json OUT.json (internal; use `tomectl bench`)")

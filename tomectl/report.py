@@ -55,7 +55,7 @@ def table_rows(doc: dict) -> list[list[str]]:
 
 def markdown(doc: dict) -> str:
     cfg, prov = doc["config"], doc["provenance"]
-    mach, ver = prov.get("machine", {}), prov.get("versions", {})
+    mach, ver, load = prov.get("machine", {}), prov.get("versions", {}), prov.get("load_average") or {}
     runs = f"{cfg['iters']} iterations" if cfg.get("duration_s") is None else f"{cfg['duration_s']} s"
     lines = [
         f"# tomectl bench: {doc['model']}",
@@ -63,6 +63,7 @@ def markdown(doc: dict) -> str:
         f"- date: {prov.get('date')}",
         f"- machine: {mach.get('cpu')} ({mach.get('cpu_count')} logical CPUs)"
         + (f", GPU {mach['gpu']}" if mach.get("gpu") else ""),
+        f"- load average (1 min) at start / end: {load.get('start')} / {load.get('end')}",
         f"- threads: {cfg['threads']}; warm-up {cfg['warmup']}, then {runs} per process; "
         f"{cfg.get('rounds', 1)} round(s)",
         f"- weights: {(cfg.get('weights') or {}).get('source', '?')}",

@@ -19,13 +19,14 @@ from . import common
 
 def render(doc: dict) -> None:
     cfg = doc["config"]
-    t = Table(box=box.SIMPLE_HEAD, title=f"tomectl bench: {doc['model']} ({cfg['threads']} threads, "
-                    f"{cfg['iters'] if cfg.get('duration_s') is None else str(cfg['duration_s']) + ' s'} "
-                    f"timed x {cfg.get('rounds', 1)} round(s))", title_justify="left")
+    timed = f"{cfg['iters']} iterations" if cfg.get("duration_s") is None else f"{cfg['duration_s']} s"
+    rounds = cfg.get("rounds", 1)
+    title = f"tomectl bench: {doc['model']} ({cfg['threads']} threads, {timed} x {rounds} round(s))"
+    t = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left")
     for i, name in enumerate(report_mod.TABLE_COLUMNS):
         t.add_column(name, justify="left" if i < 3 else "right")
     prev = None
-    for row, cells in zip(doc["rows"], report_mod.table_rows(doc)):
+    for row, cells in zip(doc["rows"], report_mod.table_rows(doc), strict=True):
         group = (row["backend"], row["batch"])
         if prev is not None and group != prev:
             t.add_section()
@@ -48,23 +49,23 @@ def render(doc: dict) -> None:
 
 
 def bench(
-    target: list[str] = typer.Argument(..., help="timm model name, or one or more artifact directories of one model."),
-    r: Optional[str] = typer.Option("0,8,13,16", "--r", help="Constant-r schedules, comma-separated (r=0 always runs)."),
+    target: list[str] = typer.Argument(..., help="timm model name, or artifact directories of one model."),
+    r: Optional[str] = typer.Option("0,8,13,16", "--r", help="Constant r values, e.g. 0,8,13,16."),
     method: str = common.Method,
     backend: str = typer.Option("torch", "--backend", help=f"Comma-separated: {', '.join(lib.BACKENDS)}."),
     batch: str = typer.Option("1", "--batch", help="Batch sizes, comma-separated."),
-    compile_: bool = typer.Option(False, "--compile", help="Also time torch.compile (backend torch-compile)."),
+    compile_: bool = typer.Option(False, "--compile", help="Also time torch.compile."),
     warmup: int = typer.Option(5, "--warmup", help="Untimed iterations first."),
     iters: int = typer.Option(20, "--iters", help="Timed iterations per process."),
-    duration: Optional[float] = typer.Option(None, "--duration", help="Time for this many seconds instead of --iters."),
-    rounds: int = typer.Option(1, "--rounds", help="Run all configurations round-robin this many times (pooled)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all available cores)."),
+    duration: Optional[float] = typer.Option(None, "--duration", help="Seconds to time instead of --iters."),
+    rounds: int = typer.Option(1, "--rounds", help="Run everything round-robin this many times (pooled)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
     prop_attn: bool = common.PropAttn,
     formulation: str = common.Formulation,
     weights: Optional[Path] = common.Weights,
     random_weights: bool = common.RandomWeights,
-    report: Optional[Path] = typer.Option(None, "--report", help="Directory for report.json, report.md and a plot."),
-    eval_: list[Path] = typer.Option([], "--eval", help="tomectl eval --out JSON(s) to plot accuracy vs GMACs."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write report.json/.md/.png here."),
+    eval_: list[Path] = typer.Option([], "--eval", help="`tomectl eval --out` JSON(s): accuracy vs GMACs."),
     json_: bool = common.Json,
 ) -> None:
     """Time a model at several schedules, backends and batch sizes, each in its own process."""
@@ -83,9 +84,10 @@ def bench(
             bar.update(task, description=desc, completed=done, total=total)
 
         rep = lib.run_bench(target, rs, backends, batches, warmup=warmup, iters=None if duration else iters,
-                            duration=duration, threads=threads, compile=compile_, random_weights=random_weights,
-                            weights=weights, method=method, prop_attn=prop_attn, formulation=formulation,
-                            rounds=rounds, evals=evals, progress=progress)
+                            duration=duration, threads=threads, compile=compile_,
+                            random_weights=random_weights, weights=weights, method=method,
+                            prop_attn=prop_attn, formulation=formulation, rounds=rounds, evals=evals,
+                            progress=progress)
     doc = rep.to_dict()
     written = report_mod.write(doc, report) if report is not None else None
     if json_:
