@@ -145,11 +145,12 @@ def reduction_off(model: torch.nn.Module):
     from .adapters import adapter_for
 
     adapter = adapter_for(model)
+    modules = getattr(model, "tomectl_modules", None)  # learned parameters go back with the plan
     adapter.remove(model)
     try:
         yield model
     finally:
-        adapter.install(model, plan)
+        adapter.install(model, plan, modules=modules)
 
 
 def unreduced_runner(model: torch.nn.Module) -> Runner:

@@ -56,8 +56,9 @@ def analytic_macs(dims, removed: Sequence[int], method=None, formulation: str = 
         red = 0
         if r > 0 and method is not None:
             red = method.overhead_macs(n, r, dims.protected, dims.head_dims[i],
-                                       num_heads=dims.attn_dims[i] // dims.head_dims[i])
-            if formulation == "onehot":
+                                       num_heads=dims.attn_dims[i] // dims.head_dims[i],
+                                       embed_dim=dims.embed_dim)
+            if formulation == "onehot" and not method.dense:
                 red += n * (n - r) * (dims.embed_dim + 1)
         m = n - r
         layers.append(LayerMacs(n, m, attn, red, m * dims.mlp_linear_macs[i]))

@@ -16,6 +16,9 @@ keep working.
   blocks where such a method removes tokens.
 - Per-forward state (sizes, sources, protected count) is a `TokenState` value passed from block
   to block; the static configuration (`ReductionPlan`) lives on the model.
+- Learned methods' parameters (DTEM's embeddings, PatchMerger's queries, LTM's mask modules) live
+  in ``model.tomectl_modules``, a ModuleDict keyed by block index, so they move, train and save
+  with the model; `remove` takes them off again (the plain model's state_dict is unchanged).
 - Average pooling is made size-weighted by scaling each patch token by ``s_i * n / sum(s)``
   before timm's own head, which then computes ``sum(s_i x_i) / sum(s_i)``.
 """
@@ -29,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..reduce import FORMULATIONS, Signals, TokenState, apply_decision, get_method
+from ..reduce import FORMULATIONS, LayerSpec, Signals, TokenState, apply_decision, get_method
 
 try:  # timm is a dependency of the package, but the core must not need it
     from timm.models.vision_transformer import Block, VisionTransformer
@@ -133,9 +136,12 @@ class ReducedViT:
         x = self.norm_pre(x)
         state = TokenState.start(x, self.num_prefix_tokens, plan.track_source)
         n_layers = len(self.blocks)
+        modules = getattr(self, "tomectl_modules", None)
         layers = zip(self.blocks, self._tomectl_taps, plan.removed, strict=True)
         for i, (blk, taps, amount) in enumerate(layers):
-            x, state = _block_forward(blk, taps, x, state, amount, self._tomectl_method, plan, i, n_layers)
+            module = modules[str(i)] if modules is not None and str(i) in modules else None
+            x, state = _block_forward(blk, taps, x, state, amount, self._tomectl_method, plan, i, n_layers,
+                                      module)
         return self.norm(x), state
 
 
@@ -145,15 +151,17 @@ def _refuse_masks(attn_mask, is_causal) -> None:
 
 
 def _block_forward(blk, taps: tuple[_KeyTap, _KeyTap], x, state: TokenState, amount: int, method,
-                   plan: ReductionPlan, layer: int = -1, n_layers: int = 0):
+                   plan: ReductionPlan, layer: int = -1, n_layers: int = 0, module: Optional[nn.Module] = None):
     """timm's Block, with the reduction between the attention and the MLP residuals."""
     bias = state.attn_bias() if plan.prop_attn else None
-    x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x), attn_mask=bias)))
+    h = blk.norm1(x)
+    x = x + blk.drop_path1(blk.ls1(blk.attn(h, attn_mask=bias)))
     key_tap, query_tap = taps
     keys, queries = key_tap.take(), query_tap.take()
     if amount > 0:
         cls_attn = class_attention(blk.attn, queries, keys, bias) if method.needs_cls_attn else None
-        signals = Signals(x=x, keys=keys, state=state, layer=layer, n_layers=n_layers, cls_attn=cls_attn)
+        signals = Signals(x=x, keys=keys, state=state, layer=layer, n_layers=n_layers, cls_attn=cls_attn,
+                          x_norm=h, module=module)
         decision = method.decide(amount, signals)
         if decision is not None:
             x, state = apply_decision(decision, x, state, plan.formulation)
@@ -198,8 +206,33 @@ def _reduced_class(cls: type) -> type:
     return _CLASSES[cls]
 
 
-def install(model: nn.Module, plan: ReductionPlan) -> nn.Module:
-    """Install `plan` into `model` in place (again if already installed) and return the model."""
+def layer_specs(model, removed) -> list[LayerSpec]:
+    """Per-block shapes under `removed` (and each block's key projection), for learned methods."""
+    specs, n = [], num_tokens(model)
+    for i, (blk, r) in enumerate(zip(model.blocks, removed, strict=True)):
+        attn = blk.attn
+        hd = attn.num_heads * attn.head_dim
+        kw = kb = None
+        qkv = getattr(attn, "qkv", None)
+        if isinstance(qkv, nn.Linear) and qkv.out_features == 3 * hd:
+            kw = qkv.weight.detach()[hd:2 * hd]
+            kb = None if qkv.bias is None else qkv.bias.detach()[hd:2 * hd]
+            k_bias = getattr(attn, "k_bias", None)  # models with separate q/v biases and no k bias
+            if kb is None and isinstance(k_bias, torch.Tensor):
+                kb = k_bias.detach()
+        specs.append(LayerSpec(layer=i, n_tokens=n, amount=r, protected=protected_tokens(model),
+                               embed_dim=model.embed_dim, num_heads=attn.num_heads, head_dim=attn.head_dim,
+                               key_weight=kw, key_bias=kb))
+        n -= r
+    return specs
+
+
+def install(model: nn.Module, plan: ReductionPlan, modules: Optional[nn.ModuleDict] = None) -> nn.Module:
+    """Install `plan` into `model` in place (again if already installed) and return the model.
+
+    Learned methods: `modules` (e.g. kept from before a `remove`) are used if given; else the ones
+    already installed are kept if they are the same blocks; else fresh ones are built.
+    """
     check_supported(model)
     if len(plan.removed) != len(model.blocks):
         raise UserError(f"schedule has {len(plan.removed)} layers but the model has {len(model.blocks)} blocks")
@@ -229,6 +262,18 @@ def install(model: nn.Module, plan: ReductionPlan) -> nn.Module:
             taps.append((key_tap, query_tap))
         model._tomectl_taps = taps
         model._tomectl_hooks = handles_
+    if method.learned:
+        if modules is None:
+            current = getattr(model, "tomectl_modules", None)
+            fresh = method.make_modules(layer_specs(model, plan.removed))
+            if current is not None and set(current.keys()) == {str(k) for k in fresh}:
+                modules = current
+            else:
+                ref = next(model.parameters())
+                modules = nn.ModuleDict({str(k): m for k, m in fresh.items()}).to(ref.device, ref.dtype)
+        model.tomectl_modules = modules
+    elif hasattr(model, "tomectl_modules"):
+        del model.tomectl_modules
     model._tomectl_method = method
     model.tomectl_plan = plan
     model.__class__ = _reduced_class(type(model))
@@ -242,6 +287,8 @@ def remove(model: nn.Module) -> nn.Module:
             h.remove()
         for attr in ("_tomectl_taps", "_tomectl_hooks", "_tomectl_method", "tomectl_plan"):
             delattr(model, attr)
+        if hasattr(model, "tomectl_modules"):
+            del model.tomectl_modules
         model.__class__ = type(model).__mro__[2]
     return model
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..errors import UserError
-from .base import ReductionMethod, Signals
+from .base import LayerSpec, ReductionMethod, Signals
 from .bat import BAT, beyond_attentive_tokens, density_peak_clusters
 from .evit import EViT, attentive_fusion
 from .merge import FORMULATIONS, Decision, TokenState, apply_decision, mlerp_rescale
@@ -35,6 +35,7 @@ __all__ = [
     "METHODS",
     "Decision",
     "EViT",
+    "LayerSpec",
     "ReductionMethod",
     "Signals",
     "ToFu",

@@ -5,6 +5,13 @@ states, without any tensor, how many tokens it can remove from a layer, at which
 what its own decision costs in multiply-accumulates, so schedules are validated and FLOPs counted
 analytically. Method-specific options (EViT's layers, ToFu's transition layer...) are keyword
 arguments of the method's constructor, declared in `option_defaults`; recipes carry them in `options`.
+
+Learned methods (DTEM, PatchMerger, LTM) set `learned` and build their parameters in
+`make_modules` from plain shapes (`LayerSpec`); the adapter registers them on the model, hands each
+block's module to `decide` in `Signals.module`, and `tomectl.train` fits them. While a module is in
+training mode a method may return a relaxed (differentiable) decision; in eval mode it must return
+the same hard, static-shape decision that is exported. A module may leave a scalar `aux_loss` (its
+own training objective, already weighted) after a training-mode forward; the trainer adds it.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
+from torch import nn
 
 from ..errors import UserError
 from .merge import Decision, TokenState
@@ -30,6 +38,8 @@ class Signals:
     cls_attn: [B, N] the class token's attention row of this block (softmax over all N keys,
               proportional-attention bias included, averaged over heads), or None. Provided only
               to methods whose `needs_cls_attn` is set, and only at layers where they remove tokens.
+    x_norm:   [B, N, C] the block's normalised input (what its attention saw), or None.
+    module:   this block's learned module (learned methods), or None.
     """
 
     x: torch.Tensor
@@ -38,6 +48,27 @@ class Signals:
     layer: int = -1
     n_layers: int = 0
     cls_attn: Optional[torch.Tensor] = None
+    x_norm: Optional[torch.Tensor] = None
+    module: Optional[nn.Module] = None
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Shapes of one block under a plan, for building a learned method's parameters.
+
+    key_weight / key_bias: the block's key projection ([H*d, C], [H*d]) as plain tensors, for methods
+    that start from the keys' similarity (DTEM); None where the model has no separate key projection.
+    """
+
+    layer: int
+    n_tokens: int  # tokens entering the block
+    amount: int  # tokens the plan removes at this block
+    protected: int
+    embed_dim: int
+    num_heads: int
+    head_dim: int
+    key_weight: Optional[torch.Tensor] = None
+    key_bias: Optional[torch.Tensor] = None
 
 
 class ReductionMethod:
@@ -51,6 +82,14 @@ class ReductionMethod:
     needs_cls_attn: bool = False
     #: method options and their defaults; the constructor takes exactly these as keywords
     option_defaults: dict[str, Any] = {}
+    #: whether the method has parameters that are trained (`make_modules`, `tomectl train`)
+    learned: bool = False
+    #: whether an untrained module is still a sensible model (DTEM starts as ToMe); if not, building
+    #: the method without trained parameters is refused outside of training
+    usable_untrained: bool = True
+    #: whether decisions are dense mixing matrices (`Decision.mix`), whose matmul `overhead_macs`
+    #: counts itself in every formulation
+    dense: bool = False
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.option_defaults))
@@ -68,9 +107,13 @@ class ReductionMethod:
         raise NotImplementedError
 
     def overhead_macs(self, n_tokens: int, amount: int, protected: int, head_dim: int,
-                      num_heads: int = 1) -> int:
+                      num_heads: int = 1, embed_dim: int = 0) -> int:
         """Multiply-accumulates of the decision itself (matching, the class-attention row), per image."""
         return 0
+
+    def make_modules(self, specs: Sequence[LayerSpec]) -> dict[int, nn.Module]:
+        """Learned methods: a fresh module for each block that needs one (key: the block index)."""
+        return {}
 
     def decide(self, amount: int, signals: Signals) -> Optional[Decision]:
         """Where each token goes when `amount` tokens are removed at this layer (None: keep all)."""

@@ -150,7 +150,7 @@ class BAT(ReductionMethod):
         return max(0, n_tokens - protected - 2)
 
     def overhead_macs(self, n_tokens: int, amount: int, protected: int, head_dim: int,
-                      num_heads: int = 1) -> int:
+                      num_heads: int = 1, embed_dim: int = 0) -> int:
         if amount <= 0:
             return 0
         n_free = n_tokens - protected

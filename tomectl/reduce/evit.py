@@ -92,7 +92,7 @@ class EViT(ReductionMethod):
         return max(0, n_tokens - protected - 2)  # keep at least one token, plus the fused one
 
     def overhead_macs(self, n_tokens: int, amount: int, protected: int, head_dim: int,
-                      num_heads: int = 1) -> int:
+                      num_heads: int = 1, embed_dim: int = 0) -> int:
         if amount <= 0:
             return 0
         return num_heads * head_dim * n_tokens  # q_cls . K^T, the class token's attention row

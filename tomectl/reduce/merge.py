@@ -20,6 +20,11 @@ Two formulations give the same numbers:
   against a constant range, then ``A^T (w s x)``: MatMul only, no Scatter at all (TensorRT parses
   it without plugins).
 
+A *dense* decision gives a mixing matrix instead of slots (learned methods: PatchMerger's
+queries, LTM's masks, DTEM's relaxed merge while training): ``mix[b, j, i] >= 0`` is how much of
+input token i goes to output j, and ``x_j = sum_i mix_ji s_i x_i / sum_i mix_ji s_i`` with size
+``sum_i mix_ji s_i``; a hard assignment is the special case of a 0/1 matrix. MatMul only.
+
 A decision may ask for a norm-preserving merge (``norm="max"``, ToFu's MLERP): the size-weighted
 average keeps its direction and is rescaled to the largest norm among the tokens sent to the slot,
 ``x_j = avg_j * max_i |x_i| / |avg_j|``. The maximum is a ``scatter_reduce(amax)`` (ONNX
@@ -43,19 +48,26 @@ class Decision:
     """Where each input token goes.
 
     dst:    [B, N] int64, the output slot (0..n_out-1) of each input token. Every slot receives
-            at least one token with a non-zero weight.
+            at least one token with a non-zero weight. None for a dense decision.
     n_out:  number of output tokens (a Python int, so shapes stay static).
     weight: [B, N] optional extra averaging weight per input token (multiplies its size). A
             weight of exactly 0 *drops* the token: it neither moves the average nor adds its
             size to the destination (pruning).
     norm:   None for the plain (weighted) average; "max" rescales each merged token to the largest
             norm among its (non-dropped) members (ToFu's MLERP).
+    mix:    [B, n_out, N] dense merge weights (see the module docstring) instead of `dst`; every
+            output row must hold some weight. Neither `weight` nor `norm` goes with it.
+    presence: [B, n_out, 1] for relaxed (training-time) merges that keep every token: how much of
+            each output token is still its own (1: untouched, near 0: merged away). Carried in the
+            TokenState for the next relaxed decision; None for hard decisions.
     """
 
-    dst: torch.Tensor
+    dst: Optional[torch.Tensor]
     n_out: int
     weight: Optional[torch.Tensor] = None
     norm: Optional[str] = None
+    mix: Optional[torch.Tensor] = None
+    presence: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -66,11 +78,13 @@ class TokenState:
                merged or pruned and keep their positions.
     size:      [B, N, 1] float, or None while every token is still a single patch.
     source:    [B, N, N0] float 0/1 membership of the original tokens, or None (not tracked).
+    presence:  [B, N, 1] relaxed merging only (see `Decision.presence`), else None.
     """
 
     protected: int
     size: Optional[torch.Tensor] = None
     source: Optional[torch.Tensor] = None
+    presence: Optional[torch.Tensor] = None
 
     @staticmethod
     def start(x: torch.Tensor, protected: int, track_source: bool = False) -> "TokenState":
@@ -104,6 +118,8 @@ def apply_decision(
     formulation: str = "scatter",
 ) -> tuple[torch.Tensor, TokenState]:
     """Carry out `decision` on tokens `x` [B, N, C]; returns the new tokens [B, n_out, C] and state."""
+    if decision.mix is not None:
+        return _apply_mix(decision, x, state)
     size = state.sizes(x)
     keep = None if decision.weight is None else (decision.weight != 0).to(x.dtype)[..., None]
     w = size if decision.weight is None else size * decision.weight[..., None]
@@ -154,7 +170,18 @@ def apply_decision(
         out, target = out[..., :-1], out[..., -1:]
     if member_norm is not None:
         out = mlerp_rescale(out, target)
-    return out, replace(state, size=new_size, source=source)
+    return out, replace(state, size=new_size, source=source, presence=decision.presence)
+
+
+def _apply_mix(decision: Decision, x: torch.Tensor, state: TokenState) -> tuple[torch.Tensor, TokenState]:
+    if decision.weight is not None or decision.norm is not None:
+        raise ValueError("a dense (mix) decision takes neither weight nor norm")
+    mix = decision.mix.to(x.dtype)
+    size = state.sizes(x)
+    num = mix @ (x * size)
+    den = mix @ size
+    source = None if state.source is None else mix @ state.source
+    return num / den, replace(state, size=den, source=source, presence=decision.presence)
 
 
 def mlerp_rescale(avg: torch.Tensor, target_norm: torch.Tensor) -> torch.Tensor:
