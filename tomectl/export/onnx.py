@@ -150,7 +150,10 @@ def export_graph(model: nn.Module, example: torch.Tensor, opset: int = OPSET):
     """
     log = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        # no_grad: an inference graph. Learned methods' token sizes depend on parameters, and with
+        # a grad-requiring attention mask torch's decomposition of timm's attention fails to export.
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(log), \
+                contextlib.redirect_stderr(log):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model,

@@ -11,11 +11,12 @@ from ..errors import UserError
 from .base import LayerSpec, ReductionMethod, Signals
 from .bat import BAT, beyond_attentive_tokens, density_peak_clusters
 from .evit import EViT, attentive_fusion
+from .ltm import LTM
 from .merge import FORMULATIONS, Decision, TokenState, apply_decision, mlerp_rescale
 from .tofu import ToFu, token_fusion
 from .tome import ToMe, bipartite_soft_matching
 
-METHODS: dict[str, type[ReductionMethod]] = {m.name: m for m in (ToMe, ToFu, EViT, BAT)}
+METHODS: dict[str, type[ReductionMethod]] = {m.name: m for m in (ToMe, ToFu, EViT, BAT, LTM)}
 
 
 def get_method(name: str, options: Optional[dict] = None) -> ReductionMethod:
@@ -35,6 +36,7 @@ __all__ = [
     "METHODS",
     "Decision",
     "EViT",
+    "LTM",
     "LayerSpec",
     "ReductionMethod",
     "Signals",
