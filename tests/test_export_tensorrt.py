@@ -56,10 +56,10 @@ def test_onehot_graph_is_parse_ready_for_tensorrt(graphs):
             assert trt_export._attr(n, "sorted") == 1
 
 
-def test_scatter_graph_is_flagged_as_needing_the_plugin_library(graphs):
+def test_scatter_graph_is_flagged_as_refused_with_the_onehot_hint(graphs):
     problems = trt_export.parse_problems(graphs["scatter"])
-    assert problems and all("plugin library" in p and "onehot" in p for p in problems)
-    assert len(problems) == sum(n.op_type == "ScatterElements" for n in graphs["scatter"].graph.node)
+    assert problems and all("ScatterND" in p and "refuses" in p and "onehot" in p for p in problems)
+    assert len(problems) == sum(n.op_type == "ScatterND" for n in graphs["scatter"].graph.node)
 
 
 @pytest.mark.slow

@@ -309,7 +309,7 @@ def export_for_bench(recipe: Recipe, batch: int, *, onnx_out: Path, engine_out: 
     checked against PyTorch; returns a one-line parity note. UserError when the export fails.
 
     onnxruntime gets the recipe's merge formulation; an engine is built from a onehot graph
-    (TensorRT runs ScatterElements with a reduction only through its plugins)."""
+    (TensorRT refuses the scatter formulation's ScatterND with reduction=add)."""
     import dataclasses
 
     from .adapters import adapter_for

@@ -12,8 +12,8 @@
 The merge formulation only changes the graph, never the numbers (see reduce/merge.py), so it is
 chosen per backend unless asked for:
 
-- TensorRT: "onehot" (Equal + MatMul, no Scatter): ScatterElements with a reduction runs only
-  through TensorRT's plugin library and ScatterND with one is refused.
+- TensorRT: "onehot" (Equal + MatMul, no Scatter): "scatter" is a ScatterND with reduction=add,
+  which TensorRT refuses (ScatterElements with a reduction runs only through its plugin library).
 - onnxruntime (CPU): "onehot" too, by measurement (benchmarks/ort_latency.py --formulations,
   DeiT-S at 224 px, one thread, each session in its own process, shared 2-core machine): the
   onehot graph took 0.94-0.99x the scatter graph's time at r = 8, 13, 16 and batch 1 and 8 (two

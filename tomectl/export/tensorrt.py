@@ -16,8 +16,8 @@ disabled, so fp32 means fp32.
 
 TensorRT's ONNX parser refuses ScatterND with a reduction, runs ScatterElements with a reduction
 only through its plugin library, and needs a constant K for TopK (K < 3840). `parse_problems` checks
-a graph for these without a GPU; the "onehot" merge formulation has no Scatter at all and is the
-default for TensorRT.
+a graph for these without a GPU; the "scatter" merge formulation sums rows with ScatterND
+(reduction=add), so TensorRT takes the "onehot" one, which has no Scatter at all (its default).
 
 Every engine is validated against onnxruntime (fp32 CPU) on real images before it is written
 (top-1 agreement floor per precision, max |logit difference| reported), and gets a metadata JSON
@@ -102,7 +102,10 @@ def parse_problems(model_proto) -> list[str]:
         if node.domain not in ("", "ai.onnx"):
             problems.append(f"{what} is a custom op of domain {node.domain!r}")
         elif node.op_type == "ScatterND" and _attr(node, "reduction", "none") != "none":
-            problems.append(f"{what} has reduction={_attr(node, 'reduction')}, which TensorRT refuses")
+            problems.append(
+                f"{what} has reduction={_attr(node, 'reduction')}, which TensorRT refuses "
+                "(use --formulation onehot)"
+            )
         elif node.op_type == "ScatterElements" and _attr(node, "reduction", "none") != "none":
             problems.append(
                 f"{what} has reduction={_attr(node, 'reduction')}, which runs only through "
