@@ -56,13 +56,18 @@ def main() -> None:
             print(f"{row.backend} batch {row.batch}: ERROR {row.error}")
             ok = False
             continue
+        base = rep.row(row.backend, row.batch, "r=0")
         verdict = ""
         if goal is not None:
-            verdict = (" OK" if row.efficiency >= goal else " MISSED") + f" (goal >= {goal})"
+            verdict = f"  goal >= {goal}: " + ("PASS" if row.efficiency >= goal else "FAIL")
         ok &= goal is None or row.efficiency >= goal
-        print(f"{row.backend:6s} batch {row.batch}: speedup {row.speedup:.3f}x for {row.flops_ratio:.3f}x "
-              f"fewer GMACs -> efficiency {row.efficiency:.3f}{verdict}   (spread of r={args.r} latencies "
-              f"{row.latency.spread:.0%})")
+        print(f"{row.backend:6s} batch {row.batch}, {row.threads} thread(s): p50 r=0 {base.latency.p50:.2f} ms, "
+              f"r={args.r} {row.latency.p50:.2f} ms -> speedup {row.speedup:.3f}x for {row.flops_ratio:.3f}x fewer "
+              f"GMACs -> efficiency {row.efficiency:.3f}{verdict}   (spread (p90-p10)/p50: r=0 "
+              f"{base.latency.spread:.0%}, r={args.r} {row.latency.spread:.0%})")
+    load = doc["provenance"]["load_average"]
+    print(f"load average (1 min) at start / end: {load['start']} / {load['end']} on {rep.rows[0].threads} "
+          "thread(s); the bench itself adds about its thread count")
     raise SystemExit(0 if ok else 1)
 
 

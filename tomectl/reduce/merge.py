@@ -140,7 +140,9 @@ def apply_decision(
     if formulation == "scatter":
         b, n, c = x.shape
         # Row sums into the output slots: one flat row index per token, batch folded into it.
-        rows = (decision.dst + torch.arange(b, device=x.device)[:, None] * decision.n_out).reshape(-1)
+        rows = decision.dst.reshape(-1) if b == 1 else (
+            decision.dst + torch.arange(b, device=x.device)[:, None] * decision.n_out
+        ).reshape(-1)
         num = _add_rows(x if unit else x * w, rows, b, decision.n_out)
         den = _add_rows(w, rows, b, decision.n_out)
         new_size = den if decision.weight is None else _add_rows(kept_size, rows, b, decision.n_out)

@@ -52,12 +52,12 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) ->
     n_unm = n_a - r
     b_base = protected + n_unm
     # A token: merged into its partner's slot if among the r best edges, else its own slot.
-    a_slot = torch.where(rank < r, b_base + partner, protected + rank - r)
-    b_slot = b_base + torch.arange(n_b, device=metric.device).expand(b, n_b)
+    a_slot = torch.where(rank < r, partner + b_base, rank + (protected - r))
+    # B tokens keep their order after the unmerged A tokens (one extra slot when |A| > |B|: it
+    # pairs with the last A token and is cut off below).
+    b_slot = torch.arange(b_base, b_base + n_a, device=metric.device).expand(b, n_a)
 
     # Interleave back to token order (A = even, B = odd positions) without any scatter.
-    if n_a > n_b:
-        b_slot = torch.cat([b_slot, b_slot[:, :1]], dim=1)
     free_slot = torch.stack([a_slot, b_slot], dim=-1).reshape(b, -1)[:, :n_free]
     dst = torch.cat([identity_slots(b, protected, metric.device), free_slot], dim=1)
     return Decision(dst=dst, n_out=n - r)
