@@ -2,6 +2,9 @@
 
     DIR/recipe.yaml    the recipe, resolved: per-layer removals, tokens per layer, weights + sha256
     DIR/summary.json   params, GMACs before/after (analytic and measured), versions
+    DIR/learned.safetensors   learned methods (DTEM, PatchMerger, LTM): the trained parameters
+    DIR/model.safetensors     after `train --finetune`: the fine-tuned backbone's weights
+    DIR/train.json            after `train`: the training log (loss and agreement per epoch)
 
 Writing is atomic: everything goes to a hidden temporary directory beside DIR, which is renamed
 into place only when complete, so an interrupted or failed run leaves nothing half-written.
@@ -25,6 +28,9 @@ from .recipe import load as load_recipe
 
 RECIPE = "recipe.yaml"
 SUMMARY = "summary.json"
+LEARNED = "learned.safetensors"
+MODEL_WEIGHTS = "model.safetensors"
+TRAIN_LOG = "train.json"
 
 
 def _umask() -> int:
@@ -116,3 +122,42 @@ def read(artifact_dir: str | Path) -> tuple[Recipe, dict]:
 
 def is_artifact(path: str | Path) -> bool:
     return (Path(path) / RECIPE).is_file()
+
+
+def save_learned(model, path: str | Path) -> None:
+    """Write a reduced model's learned parameters (`model.tomectl_modules`) as safetensors."""
+    from safetensors.torch import save_file
+
+    modules = getattr(model, "tomectl_modules", None)
+    if modules is None:
+        raise ValueError("this model has no learned reduction parameters")
+    save_file({k: v.detach().contiguous().cpu() for k, v in modules.state_dict().items()}, str(path))
+
+
+def load_learned(model, path: str | Path, sha256: str | None = None) -> None:
+    """Load learned parameters into `model.tomectl_modules`; a mismatch is a one-line UserError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .models import sha256_of
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"learned parameters file {path} does not exist")
+    if sha256 and sha256_of(path) != sha256:
+        raise UserError(f"learned parameters {path} changed since the artifact was made (sha256 differs)")
+    try:
+        sd = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a safetensors file: {e}") from None
+    modules = getattr(model, "tomectl_modules", None)
+    own = {} if modules is None else modules.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        what = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
+                else f"{shapes[0]} has shape {tuple(sd[shapes[0]].shape)}, needs {tuple(own[shapes[0]].shape)}")
+        raise UserError(f"learned parameters {path.name} do not fit this model and schedule ({what}); "
+                        "were they trained for another model, method or schedule?")
+    modules.load_state_dict(sd, strict=True)

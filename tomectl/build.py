@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 from torch import nn
 
 from . import models
+from .artifact import load_learned
 from .adapters import adapter_for
 from .errors import UserError
 from .flops import MacsReport, analytic_macs
@@ -103,7 +104,11 @@ def _weights_from_recipe(recipe: Recipe, weights, random_weights: bool):
 
 
 def build(recipe: Recipe, weights: Optional[str | Path] = None, random_weights: bool = False,
-          track_source: bool = False, **model_kwargs) -> Built:
+          track_source: bool = False, allow_untrained: bool = False, **model_kwargs) -> Built:
+    """Create the model of `recipe` and install its reduction (with its learned parameters, if any).
+
+    A learned method whose untrained parameters are meaningless (PatchMerger, LTM) is refused
+    without `recipe.learned` unless `allow_untrained` (what `tomectl train` starts from)."""
     wfile, rnd, sha = _weights_from_recipe(recipe, weights, random_weights)
     loaded = models.create(recipe.model, weights=wfile, random_weights=rnd, **model_kwargs)
     if sha and loaded.weights.sha256 and sha != loaded.weights.sha256:
@@ -118,4 +123,13 @@ def build(recipe: Recipe, weights: Optional[str | Path] = None, random_weights: 
             raise UserError(f"recipe's {key} {recipe.resolved[key]} does not match its schedule ({value})")
     install(loaded.model, recipe.method, removed, recipe.prop_attn, recipe.formulation, track_source,
             recipe.method_options)
+    method = get_method(recipe.method, recipe.method_options)
+    if method.learned:
+        if recipe.learned:
+            load_learned(loaded.model, recipe.learned["path"], recipe.learned.get("sha256"))
+        elif any(removed) and not method.usable_untrained and not allow_untrained:
+            raise UserError(
+                f"method {recipe.method!r} needs trained parameters and none are given; train them with "
+                f"`tomectl train {recipe.model} --method {recipe.method} ...` and use the artifact it writes"
+            )
     return Built(loaded=loaded, recipe=recipe, removed=removed, tokens=tokens)

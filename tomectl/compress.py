@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from . import __version__
 from .adapters import adapter_for
-from .artifact import RECIPE, SUMMARY, atomic_dir, recipe_document, write_json, write_yaml
+from .artifact import LEARNED, RECIPE, SUMMARY, atomic_dir, recipe_document, write_json, write_yaml
 from .build import Built, build
 from .flops import measured_macs
-from .models import check_name, preprocessing
+from .models import check_name, preprocessing, sha256_of
 from .provenance import machine, now, versions
 from .recipe import Recipe
 
@@ -77,7 +78,11 @@ def compress(recipe: Recipe, out: str | Path, weights=None, random_weights: bool
         built = build(recipe, weights=weights, random_weights=random_weights)
         rep = report(built, measure=True)
         adapter = adapter_for(built.model)
-        write_yaml(tmp / RECIPE, recipe_document(recipe, built.removed, built.tokens, rep.weights, __version__))
+        doc = recipe_document(recipe, built.removed, built.tokens, rep.weights, __version__)
+        if recipe.learned:  # the trained parameters travel with the artifact
+            shutil.copyfile(recipe.learned["path"], tmp / LEARNED)
+            doc["learned"] = {"path": LEARNED, "sha256": sha256_of(tmp / LEARNED)}
+        write_yaml(tmp / RECIPE, doc)
         summary = rep.to_dict()
         summary.update(
             protected_tokens=adapter.protected_tokens(built.model),

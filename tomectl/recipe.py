@@ -5,6 +5,8 @@
     schedule: {r: 13}                  # see schedule.py for the four shapes
     options: {prop_attn: true, formulation: scatter}   # + the method's own, e.g. evit {layers: [3, 6, 9]}
     weights: path/to/file.safetensors  # optional; or {source, path, sha256} as artifacts write it
+    learned: learned.safetensors       # learned methods: their trained parameters ({path, sha256});
+                                       # a relative path is relative to the recipe file
 
 An artifact's recipe.yaml adds what compress resolved (``removed_per_layer``, ``tokens_per_layer``,
 ``tomectl_version``); when read back these are checked against a fresh resolution.
@@ -16,7 +18,7 @@ the latter are kept in `Recipe.method_options` and handed to the method.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,7 +28,8 @@ from .errors import UserError
 from .reduce import FORMULATIONS, METHODS, get_method
 from .schedule import Schedule
 
-TOP_KEYS = ("model", "method", "schedule", "options", "weights")
+TOP_KEYS = ("model", "method", "schedule", "options", "weights", "learned")
+LEARNED_KEYS = ("path", "sha256")
 RESOLVED_KEYS = ("removed_per_layer", "tokens_per_layer", "tomectl_version")
 OPTION_KEYS = ("prop_attn", "formulation")
 WEIGHTS_KEYS = ("source", "path", "sha256")
@@ -42,6 +45,7 @@ class Recipe:
     weights: Optional[dict] = None  # {source, path, sha256}; None: resolve as models.create does
     resolved: dict = field(default_factory=dict)  # removed_per_layer, tokens_per_layer (artifacts)
     method_options: dict = field(default_factory=dict)  # the method's own options, as given
+    learned: Optional[dict] = None  # {path, sha256?}: trained parameters of a learned method
 
     @property
     def options(self) -> dict:
@@ -56,6 +60,8 @@ class Recipe:
         }
         if self.weights:
             d["weights"] = dict(self.weights)
+        if self.learned:
+            d["learned"] = dict(self.learned)
         return d
 
 
@@ -125,6 +131,20 @@ def from_dict(d: Any, where: str = "recipe") -> Recipe:
     elif weights is not None:
         raise UserError(f"{where}: 'weights' must be a file path or a mapping, got {weights!r}")
 
+    learned = d.get("learned")
+    if isinstance(learned, str):
+        learned = {"path": learned}
+    elif isinstance(learned, dict):
+        bad = [k for k in learned if k not in LEARNED_KEYS]
+        if bad:
+            raise UserError(f"{where}: unknown learned key {bad[0]!r}; allowed: {', '.join(LEARNED_KEYS)}")
+        if not isinstance(learned.get("path"), str):
+            raise UserError(f"{where}: learned.path must be a file path")
+    elif learned is not None:
+        raise UserError(f"{where}: 'learned' must be a file path or a mapping, got {learned!r}")
+    if learned is not None and not METHODS[method].learned:
+        raise UserError(f"{where}: method {method!r} has no learned parameters, but the recipe gives 'learned'")
+
     resolved = {k: d[k] for k in RESOLVED_KEYS if k in d}
     for k in ("removed_per_layer", "tokens_per_layer"):
         v = resolved.get(k)
@@ -133,6 +153,7 @@ def from_dict(d: Any, where: str = "recipe") -> Recipe:
     return Recipe(
         model=d["model"], schedule=schedule, method=method, prop_attn=prop_attn,
         formulation=formulation, weights=weights, resolved=resolved, method_options=method_options,
+        learned=learned,
     )
 
 
@@ -144,4 +165,8 @@ def load(path: str | Path) -> Recipe:
         d = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return from_dict(d, where=str(path))
+    recipe = from_dict(d, where=str(path))
+    if recipe.learned and not Path(recipe.learned["path"]).is_absolute():
+        learned = {**recipe.learned, "path": str((path.parent / recipe.learned["path"]).resolve())}
+        recipe = replace(recipe, learned=learned)
+    return recipe

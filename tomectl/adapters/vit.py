@@ -271,6 +271,7 @@ def install(model: nn.Module, plan: ReductionPlan, modules: Optional[nn.ModuleDi
             else:
                 ref = next(model.parameters())
                 modules = nn.ModuleDict({str(k): m for k, m in fresh.items()}).to(ref.device, ref.dtype)
+                modules.train(model.training)  # fresh modules follow the model's mode
         model.tomectl_modules = modules
     elif hasattr(model, "tomectl_modules"):
         del model.tomectl_modules

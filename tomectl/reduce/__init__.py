@@ -10,13 +10,17 @@ from typing import Optional
 from ..errors import UserError
 from .base import LayerSpec, ReductionMethod, Signals
 from .bat import BAT, beyond_attentive_tokens, density_peak_clusters
+from .dtem import DTEM, relaxed_matching
 from .evit import EViT, attentive_fusion
 from .ltm import LTM
 from .merge import FORMULATIONS, Decision, TokenState, apply_decision, mlerp_rescale
+from .patchmerger import PatchMerger
 from .tofu import ToFu, token_fusion
 from .tome import ToMe, bipartite_soft_matching
 
-METHODS: dict[str, type[ReductionMethod]] = {m.name: m for m in (ToMe, ToFu, EViT, BAT, LTM)}
+METHODS: dict[str, type[ReductionMethod]] = {
+    m.name: m for m in (ToMe, ToFu, EViT, BAT, DTEM, PatchMerger, LTM)
+}
 
 
 def get_method(name: str, options: Optional[dict] = None) -> ReductionMethod:
@@ -34,10 +38,12 @@ __all__ = [
     "BAT",
     "FORMULATIONS",
     "METHODS",
+    "DTEM",
     "Decision",
     "EViT",
     "LTM",
     "LayerSpec",
+    "PatchMerger",
     "ReductionMethod",
     "Signals",
     "ToFu",
@@ -50,5 +56,6 @@ __all__ = [
     "density_peak_clusters",
     "get_method",
     "mlerp_rescale",
+    "relaxed_matching",
     "token_fusion",
 ]

@@ -1,0 +1,98 @@
+"""PatchMerger (Renggli et al., "Learning to Merge Tokens in Vision Transformers", arXiv 2202.12015).
+
+At one block (by default the middle one), M learned queries ``W`` [M, C] turn the N unprotected
+tokens into M:
+
+    Y = softmax_over_tokens(W . LN(X)^T / sqrt(C)) . X
+
+Each output token is a convex combination of the inputs, with weights that the queries learn.
+The layer norm is PatchMerger's own (learned). Only MatMul and Softmax: trivial to export, the same
+in training and inference. Protected tokens (class, distillation, registers) pass through untouched;
+the paper's models have none. We apply it between the block's attention and MLP, where every
+method in tomectl reduces (the paper places it between two blocks). Token sizes follow the mixing
+weights (see `merge.py`'s dense decisions); with all sizes 1 before the merge, Y is exactly the
+paper's formula.
+
+M is fixed by the schedule: a block receiving n unprotected tokens and removing `amount` keeps
+``M = n - amount``. The queries are trained (`tomectl train`); untrained queries are random, so a
+model is refused without trained parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .base import LayerSpec, ReductionMethod, Signals, check_layers, within
+from .merge import Decision
+
+
+class PatchMergerModule(nn.Module):
+    """M learned queries and a layer norm: tokens [B, n, C] -> mixing weights [B, M, n]."""
+
+    def __init__(self, embed_dim: int, n_out: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(embed_dim)
+        self.queries = nn.Parameter(torch.empty(n_out, embed_dim))
+        nn.init.trunc_normal_(self.queries, std=0.02)
+        self.scale = 1.0 / math.sqrt(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((self.queries * self.scale) @ self.norm(x).transpose(1, 2)).softmax(dim=-1)
+
+
+def patch_merger_mix(weights: torch.Tensor, protected: int) -> torch.Tensor:
+    """[B, M, n] merger weights over the unprotected tokens -> [B, protected + M, protected + n]
+    mixing matrix that keeps the protected tokens in place (built by concatenation, no scatter)."""
+    b, m, n = weights.shape
+    if protected == 0:
+        return weights
+    eye = torch.eye(protected, dtype=weights.dtype, device=weights.device).expand(b, protected, protected)
+    top = torch.cat([eye, weights.new_zeros(b, protected, n)], dim=2)
+    bottom = torch.cat([weights.new_zeros(b, m, protected), weights], dim=2)
+    return torch.cat([top, bottom], dim=1)
+
+
+class PatchMerger(ReductionMethod):
+    name = "patchmerger"
+    learned = True
+    usable_untrained = False
+    dense = True
+    option_defaults = {"layers": None}
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self._layers = check_layers(self.options["layers"], self.name)
+
+    def layers(self, n_layers: int) -> Optional[tuple[int, ...]]:
+        if self._layers is None:
+            return (n_layers // 2,)
+        return within(self._layers, n_layers, self.name)
+
+    def capacity(self, n_tokens: int, protected: int) -> int:
+        return max(0, n_tokens - protected - 1)
+
+    def overhead_macs(self, n_tokens: int, amount: int, protected: int, head_dim: int,
+                      num_heads: int = 1, embed_dim: int = 0) -> int:
+        if amount <= 0:
+            return 0
+        n_free = n_tokens - protected
+        m = n_free - amount
+        n_out = protected + m
+        # the queries' scores, then the mixing matmul over all tokens (+1 column: the sizes)
+        return m * n_free * embed_dim + n_out * n_tokens * (embed_dim + 1)
+
+    def make_modules(self, specs: Sequence[LayerSpec]) -> dict[int, nn.Module]:
+        return {s.layer: PatchMergerModule(s.embed_dim, s.n_tokens - s.protected - s.amount)
+                for s in specs if s.amount > 0}
+
+    def decide(self, amount: int, signals: Signals) -> Optional[Decision]:
+        module = signals.module
+        if module is None:
+            raise ValueError("patchmerger needs its learned queries")
+        p = signals.state.protected
+        weights = module(signals.x[:, p:])  # [B, M, n]
+        return Decision(dst=None, n_out=p + weights.shape[1], mix=patch_merger_mix(weights, p))
