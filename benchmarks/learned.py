@@ -10,9 +10,10 @@ the val images measured after every epoch (hard, eval-mode decisions: what `tome
 exported graph compute), which gives the agreement curve. Schedules:
 
 - tome:        r = 13 at every block (the baseline);
-- dtem:        r = 13 (trained so), and `dtem (matched)`: the same trained embeddings under the
-               `keep` schedule whose GMACs (embedding included) are closest to ToMe r=13's, at or
-               below it; DTEM's embeddings do not depend on the schedule;
+- dtem:        r = 13 (trained so), and `dtem (matched)`: the same trained embeddings with one
+               more token removed at the first few blocks, the fewest that bring its GMACs
+               (embedding included) to or below ToMe r=13's; DTEM's embeddings do not depend on the
+               schedule;
 - patchmerger: one merger at block `--pm-layer` (default 3), M chosen so GMACs are closest to
                ToMe r=13's, at or below it;
 - ltm:         the `keep` schedule closest to ToMe r=13's GMACs, at or below (its mask modules and
@@ -23,7 +24,7 @@ the two gets right, an exact two-sided McNemar / sign test), since the two agree
 of their noise. Writes ``<out>.md``, ``<out>.json`` and ``<out>.png`` (agreement per epoch).
 
     .venv/bin/python benchmarks/learned.py [--epochs 10] [--methods dtem,patchmerger,ltm]
-        [--train-limit N] [--val-limit N] [--out benchmarks/results/learned]
+        [--train-limit N] [--val-limit N] [--runs runs/learned [--reuse]] [--out benchmarks/results/learned]
 """
 
 from __future__ import annotations
@@ -77,6 +78,17 @@ def keep_schedule_at_most(model, method: str, target: float) -> list[int]:
     return best[1]
 
 
+def constant_r_at_most(model, method: str, r: int, target: float) -> list[int]:
+    """r at every block, plus one more token at the first k blocks, with the least k whose GMACs are
+    at or below `target` (DTEM's embedding costs a little more than ToMe's free keys)."""
+    n_layers = len(model.blocks)
+    for k in range(n_layers + 1):
+        removed = [r + 1] * k + [r] * (n_layers - k)
+        if gmacs(model, method, removed) <= target:
+            return removed
+    raise SystemExit(f"{method}: no schedule of r={r} (+1) reaches {target:.3f} GMACs")
+
+
 def patchmerger_schedule(model, layer: int, target: float) -> list[int]:
     n_layers, n, p = len(model.blocks), vit.num_tokens(model), vit.protected_tokens(model)
     opts = {"layers": [layer]}
@@ -113,6 +125,8 @@ def main() -> int:
     ap.add_argument("--pm-layer", type=int, default=3)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--runs", default=None, help="keep the trained artifacts here (default: a temp dir)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="evaluate artifacts already trained in --runs instead of training again")
     ap.add_argument("--out", default="benchmarks/results/learned")
     args = ap.parse_args()
     weights = SHARED / "weights" / f"{MODEL}.safetensors"
@@ -172,9 +186,15 @@ def main() -> int:
                       f"{info['aux']:.4f}) val agreement {info['agreement']:.2%}, {info['seconds']:.0f} s "
                       f"({info['img_per_s']:.1f} img/s)", flush=True)
 
-        t0 = time.perf_counter()
-        res = train_mod.train(recipe, train_dir, out, cfg, weights=weights, force=True, progress=progress)
-        train_s = time.perf_counter() - t0
+        log_file = out / "train.json"
+        if args.reuse and log_file.is_file():  # evaluate the artifact a previous run trained
+            res = _logged(json.loads(log_file.read_text()))
+            train_s = res.seconds
+            print(f"  reusing {out} (trained in {train_s / 60:.1f} min)", flush=True)
+        else:
+            t0 = time.perf_counter()
+            res = train_mod.train(recipe, train_dir, out, cfg, weights=weights, force=True, progress=progress)
+            train_s = time.perf_counter() - t0
         trained = tomectl.load(out, weights=weights)
         logits = predict(trained, val)
         c = compare(ref, logits, labels)
@@ -184,10 +204,11 @@ def main() -> int:
             trained, method, trained.tomectl_plan.removed, options), base, c, train_s, res))
         paired[method] = _paired(logits, ref, tome_right)
         if method == "dtem":  # the same embeddings at ToMe's GMACs
-            removed = keep_schedule_at_most(trained, "dtem", target)
+            removed = constant_r_at_most(trained, "dtem", R, target)
             tomectl.apply(trained, "dtem", per_layer=removed)
             logits = predict(trained, val)
-            rows.append(_row("dtem (matched)", "keep (matched)", removed, gmacs(trained, "dtem", removed), base,
+            label = f"r={R}, {R + 1} at the first {removed.count(R + 1)} blocks"
+            rows.append(_row("dtem (matched)", label, removed, gmacs(trained, "dtem", removed), base,
                              compare(ref, logits, labels), None, None))
             paired["dtem (matched)"] = _paired(logits, ref, tome_right)
 
@@ -207,6 +228,13 @@ def main() -> int:
 
 #: learning rates: DTEM starts as ToMe and only nudges its embedding; the mergers learn from scratch
 LR = {"dtem": 1e-3, "patchmerger": 3e-3, "ltm": 1e-3}
+
+
+def _logged(doc: dict) -> train_mod.TrainResult:
+    """A TrainResult back from an artifact's train.json."""
+    res = train_mod.TrainResult(**{k: v for k, v in doc.items() if k != "epochs"})
+    res.epochs = [train_mod.EpochLog(**e) for e in doc["epochs"]]
+    return res
 
 
 def _paired(logits, ref, tome_right) -> tuple[int, int, float]:

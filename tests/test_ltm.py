@@ -196,7 +196,7 @@ def test_a_few_steps_lower_distillation_plus_ib_loss_with_the_backbone_frozen():
         losses.append(loss.item())
     with torch.no_grad():
         final = loss_fn()[0].item()
-    assert final < losses[0] * 0.85, losses + [final]
+    assert final < losses[0] * 0.9, losses + [final]
     after = {k: v for k, v in model.state_dict().items() if not k.startswith("tomectl_modules")}
     assert all(torch.equal(after[k], v) for k, v in backbone.items())
 

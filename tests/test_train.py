@@ -101,6 +101,49 @@ def test_patchmerger_token_counts_and_protected_tokens():
     assert torch.allclose(state.size.sum(dim=1), torch.full((2, 1), 5.0))  # each query's weights sum to 1
 
 
+def test_patchmerger_initialises_its_queries_from_the_first_training_batch():
+    m = _small()
+    tomectl.apply(m, "patchmerger", per_layer=[0, 0, 10, 0])
+    module = m.tomectl_modules["2"]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        m(x)  # eval mode: no initialisation
+        assert not bool(module.initialised)
+        module.train()
+        m(x)
+    assert bool(module.initialised)
+    assert torch.allclose(module.queries.norm(dim=-1), torch.full((6,), module.init_beta), atol=1e-4)
+    module.eval()
+    with torch.no_grad():
+        tokens = m.patch_embed(x)
+        w = module(m.blocks[1](m.blocks[0](m._pos_embed(tokens)))[:, 1:])  # [B, 6, 16] weights over patches
+    assert w.max(dim=-1).values.min() > 2.0 / 16  # not the uniform average of random near-zero queries
+    state = m.tomectl_modules.state_dict()
+    assert "2.initialised" in state and bool(state["2.initialised"])
+
+
+def test_reapplying_keeps_learned_modules_only_for_the_same_method_and_shapes():
+    m = _small()
+    tomectl.apply(m, "dtem", r=4)
+    emb = m.tomectl_modules
+    tomectl.apply(m, "dtem", r=2)  # DTEM's embeddings do not depend on r: kept
+    assert m.tomectl_modules is emb
+    tomectl.apply(m, "ltm", r=2)  # another method: its own modules, not DTEM's embeddings
+    assert type(m.tomectl_modules["0"]).__name__ == "MaskModule"
+    tomectl.apply(m, "patchmerger", per_layer=[0, 0, 10, 0])
+    q = m.tomectl_modules["2"].queries
+    tomectl.apply(m, "patchmerger", per_layer=[0, 0, 8, 0])  # another M: new queries of the new shape
+    assert m.tomectl_modules["2"].queries.shape == (8, m.embed_dim) and q.shape == (6, m.embed_dim)
+    with torch.no_grad():
+        assert m.forward_tokens(torch.randn(1, 3, 64, 64))[0].shape[1] == 1 + 8
+
+
+def test_dtem_training_needs_proportional_attention(tmp_path):
+    with pytest.raises(UserError, match="proportional attention"):
+        train_mod.train(Recipe(TINY, Schedule.make(r=4), method="dtem", prop_attn=False), tmp_path, tmp_path / "o",
+                        random_weights=True)
+
+
 def test_learned_methods_without_training_are_refused_where_meaningless(tmp_path):
     with pytest.raises(UserError, match="needs trained parameters"):
         build(Recipe(TINY, Schedule.make(per_layer=[0] * 6 + [150] + [0] * 5), method="patchmerger"),
@@ -176,6 +219,28 @@ def test_interrupt_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tr
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+@pytest.mark.slow
+def test_interrupt_during_validation_keeps_the_epoch_and_resume_checks_the_run(train_dir, val_dir, tiny_weights,
+                                                                              tmp_path):
+    images = _image_folder(train_dir, 4, tmp_path / "imgs")
+
+    def interrupt_at_val(event, info):
+        if event == "val":
+            raise KeyboardInterrupt
+
+    out = tmp_path / "cut"
+    with pytest.raises(train_mod.TrainingInterrupted) as e:
+        _train(images, out, tiny_weights, progress=interrupt_at_val, val=str(val_dir), val_limit=2,
+               val_resize="squash")
+    ck = torch.load(e.value.checkpoint, weights_only=False)
+    assert (ck["epoch"], ck["step"]) == (1, 0)  # the epoch's batches all ran: resume at the next epoch
+    assert len(ck["log"]) == 1 and ck["log"][0]["images"] == 4 and ck["log"][0]["agreement"] is None
+    with pytest.raises(UserError, match="images 4"):  # other images: the epochs' order would differ
+        _train(_image_folder(train_dir, 6, tmp_path / "more"), out, tiny_weights, resume=True)
+    res = _train(images, out, tiny_weights, resume=True)
+    assert [x.epoch for x in res.epochs] == [1, 2] and res.epochs[1].images == 4
 
 
 @pytest.mark.slow

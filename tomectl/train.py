@@ -36,8 +36,19 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .artifact import (LEARNED, MODEL_WEIGHTS, RECIPE, SUMMARY, TRAIN_LOG, atomic_dir, atomic_file,
-                       recipe_document, save_learned, write_json, write_yaml)
+from .artifact import (
+    LEARNED,
+    MODEL_WEIGHTS,
+    RECIPE,
+    SUMMARY,
+    TRAIN_LOG,
+    atomic_dir,
+    atomic_file,
+    recipe_document,
+    save_learned,
+    write_json,
+    write_yaml,
+)
 from .build import Built, build
 from .errors import UserError
 from .recipe import Recipe
@@ -171,7 +182,7 @@ def _all_mean(d: Dist, values: list[float]) -> list[float]:
         return values
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)  # nccl reduces GPU tensors only
     dist.all_reduce(t)
     return (t / d.world).tolist()
 
@@ -266,6 +277,18 @@ def distillation_loss(model, x: torch.Tensor, *, teacher=None, labels: Optional[
     return loss, {"kl": kl, "aux": aux, "ce": ce}
 
 
+def _no_weight_decay(root: torch.nn.Module) -> set[str]:
+    """Full names of the parameters that their modules exempt from weight decay (a module's
+    ``no_weight_decay()``, as timm's models declare it: PatchMerger's queries, whose norm is their
+    sharpness; a ViT's position embedding and class token with --finetune)."""
+    names: set[str] = set()
+    for prefix, module in root.named_modules():
+        fn = getattr(module, "no_weight_decay", None)
+        if callable(fn):
+            names |= {f"{prefix}.{n}" if prefix else n for n in fn()}
+    return names
+
+
 def _trainable(built: Built, finetune: bool) -> list[torch.nn.Parameter]:
     model = built.model
     modules = getattr(model, "tomectl_modules", None)
@@ -289,7 +312,7 @@ def _set_modes(model, finetune: bool, training: bool) -> None:
             modules.train(training)
 
 
-def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config: TrainConfig = TrainConfig(), *,
+def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config: Optional[TrainConfig] = None, *,
           weights=None, random_weights: bool = False, resume: bool = False, force: bool = False,
           progress: Optional[Callable[[str, dict], None]] = None) -> TrainResult:
     """Train the learned parameters of `recipe`'s method and write the artifact `out`.
@@ -303,11 +326,15 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
     from .metrics import compare
     from .models import preprocessing
 
+    config = TrainConfig() if config is None else config
     config.check()
     method = get_method(recipe.method, recipe.method_options)
     if not method.learned and not config.finetune:
         raise UserError(f"method {recipe.method!r} has nothing to learn; use a learned method (dtem, patchmerger, "
                         "ltm) or --finetune to fine-tune the backbone")
+    if method.trains_with_prop_attn and not recipe.prop_attn:
+        raise UserError(f"method {recipe.method!r} trains through proportional attention (a merged-away token "
+                        "vanishes by its log-size); drop --no-prop-attn")
     if out is None:
         raise UserError("give --out DIR for the trained artifact")
     out = Path(out)
@@ -339,40 +366,56 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
     steps_per_epoch = math.ceil(math.ceil(len(samples) / d.world) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
 
-    from timm.optim import create_optimizer_v2
+    from timm.optim import create_optimizer_v2, param_groups_weight_decay
     from timm.scheduler import CosineLRScheduler
 
     trainable_root = model if config.finetune else model.tomectl_modules
-    optimizer = create_optimizer_v2(trainable_root, opt="adamw", lr=config.lr, weight_decay=config.weight_decay)
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
-    scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=config.min_lr, warmup_t=warmup,
-                                  warmup_lr_init=config.lr * 0.01, warmup_prefix=True, t_in_epochs=False)
+    groups = param_groups_weight_decay(trainable_root, config.weight_decay,
+                                       no_weight_decay_list=_no_weight_decay(trainable_root))
+    optimizer = create_optimizer_v2(groups, opt="adamw", lr=config.lr, weight_decay=config.weight_decay)
+    warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), max(0, total_steps - 1))
+    # the cosine spans the steps after the warm-up, so the last step reaches --min-lr
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup), lr_min=config.min_lr,
+                                  warmup_t=warmup, warmup_lr_init=config.lr * 0.01, warmup_prefix=True,
+                                  t_in_epochs=False)
 
     result = TrainResult(out=None, recipe=recipe.to_dict(), config=asdict(config), images=len(samples),
                          labelled=labelled, trainable_params=sum(p.numel() for p in params), world_size=d.world,
                          device=str(d.device))
     start_epoch, start_step, elapsed = 0, 0, 0.0
+    # what fixes the order and length of every epoch: a resume must see the same
+    run_key = {"images": len(samples), "world_size": d.world, "seed": config.seed, "limit": config.limit,
+               "epochs": config.epochs, "batch_size": config.batch_size, "finetune": config.finetune}
+    resumed_partial = None
     if resume:
-        ck = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+        try:
+            ck = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+            raise UserError(f"{ckpt_file} is not a tomectl training checkpoint ({type(e).__name__})") from None
         same = {k: ck["recipe"].get(k) == result.recipe.get(k) for k in ("model", "method", "schedule", "options")}
         if not all(same.values()):
             bad = [k for k, v in same.items() if not v][0]
             raise UserError(f"{ckpt_file} was made with another {bad}; resume with the same command")
+        old = ck.get("run") or {}
+        diff = [k for k, v in run_key.items() if k in old and old[k] != v]
+        if diff:
+            k = diff[0]
+            raise UserError(f"{ckpt_file} was made with {k.replace('_', ' ')} {old[k]!r}, this run has {run_key[k]!r}; "
+                            "resume with the same images, processes and options")
         (model if config.finetune else model.tomectl_modules).load_state_dict(ck["trainable"])
         optimizer.load_state_dict(ck["optimizer"])
         start_epoch, start_step, elapsed = ck["epoch"], ck["step"], ck["seconds"]
+        resumed_partial = ck.get("partial")
         result.epochs = [EpochLog(**e) for e in ck["log"]]
         result.val_initial = ck.get("val_initial")
-        if ck["config"]["epochs"] != config.epochs or ck["config"]["batch_size"] != config.batch_size:
-            raise UserError(f"{ckpt_file} was made with --epochs {ck['config']['epochs']} --batch-size "
-                            f"{ck['config']['batch_size']}; resume with the same values")
 
-    ddp_model = model
-    if d.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ddp_model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-
+    if not resume:  # data-dependent initialisation (PatchMerger's queries) before DDP syncs rank 0's state
+        first = data_mod.collate([dataset[i] for i in epoch_indices(len(samples), config.seed, 0, d.rank, d.world)
+                                  [: config.batch_size]])
+        if len(first.images):
+            _set_modes(model, config.finetune, True)
+            with torch.no_grad():
+                model(first.images.to(d.device))
     val_ref = val_loader = None
     if config.val and d.main:
         val_samples = data_mod.scan(config.val, limit=config.val_limit)
@@ -386,19 +429,27 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
             with reduction_off(model):
                 val_ref = predict(model, val_loader)
         result.val_reference = {"images": len(val_ref), "data": str(config.val)}
-        if not resume:  # where training starts from (DTEM: ToMe's matching)
+        if not resume:  # where training starts from (DTEM: ToMe's matching; PatchMerger: its k-means init)
             c = compare(val_ref, predict(model, val_loader), None)
             result.val_initial = {"agreement": c.agreement, "kl": c.kl}
+
+    # DDP after the data-dependent init: its constructor gives every process rank 0's state
+    ddp_model = model
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp_model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
     box, hook = _pre_logits_tap(model)
     tbox, thook = _pre_logits_tap(teacher) if teacher is not None else (None, None)
     taps = (box, tbox) if config.feature_weight > 0 else None
 
-    def save_checkpoint(epoch: int, step: int, seconds: float) -> None:
+    def save_checkpoint(epoch: int, step: int, seconds: float, partial_epoch: Optional[dict] = None) -> None:
         if not d.main:
             return
         state = {
             "recipe": result.recipe, "config": asdict(config), "epoch": epoch, "step": step, "seconds": seconds,
+            "partial": partial_epoch if step else None, "run": run_key,
             "trainable": (model if config.finetune else model.tomectl_modules).state_dict(),
             "optimizer": optimizer.state_dict(), "log": [asdict(e) for e in result.epochs],
             "val_initial": result.val_initial,
@@ -411,7 +462,9 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
         progress("start", {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
                            "done": start_epoch * steps_per_epoch + start_step})
     t_start = time.perf_counter() - elapsed
-    epoch, step = start_epoch, start_step
+    position = (start_epoch, start_step)  # where a resume would continue
+    partial = resumed_partial if resume else None
+    pending: Optional[EpochLog] = None  # an epoch whose batches are done but which is not logged yet
     try:
         for epoch in range(start_epoch, config.epochs):
             idx = epoch_indices(len(samples), config.seed, epoch, d.rank, d.world)
@@ -423,7 +476,12 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
             _set_modes(model, config.finetune, True)
             sums = {"loss": 0.0, "kl": 0.0, "aux": 0.0, "ce": 0.0}
             seen, t_epoch = 0, time.perf_counter()
+            if skip and partial:  # the first part of this epoch ran before the interruption
+                sums, seen = dict(partial["sums"]), partial["seen"]
+                t_epoch -= partial["seconds"]
+            partial, pending = None, None
             step = skip
+            position = (epoch, step)
             for batch in loader:
                 x = batch.images.to(d.device)
                 if not len(x):
@@ -446,6 +504,8 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
                 sums["kl"] += kl.item() * n
                 sums["aux"] += (aux.item() if aux is not None else 0.0) * n
                 sums["ce"] += (ce.item() if ce is not None else 0.0) * n
+                position = (epoch, step)
+                partial = {"sums": dict(sums), "seen": seen, "seconds": time.perf_counter() - t_epoch}
                 if progress and d.main:
                     progress("step", {"epoch": epoch, "step": step, "loss": loss.item(),
                                       "img_per_s": seen * d.world / max(1e-9, time.perf_counter() - t_epoch)})
@@ -455,6 +515,7 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
                            ce=means[3] if labelled and config.ce_weight > 0 else None,
                            lr=optimizer.param_groups[0]["lr"], images=seen * d.world, seconds=secs,
                            img_per_s=seen * d.world / max(1e-9, secs))
+            pending = log
             if val_loader is not None:
                 if progress:
                     progress("val", {"epoch": epoch + 1})
@@ -464,12 +525,16 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
                 log.agreement, log.kl_val = c.agreement, c.kl
             _barrier(d)
             result.epochs.append(log)
-            step = 0
+            pending, partial = None, None
+            position = (epoch + 1, 0)
             save_checkpoint(epoch + 1, 0, time.perf_counter() - t_start)
             if progress and d.main:
                 progress("epoch", asdict(log))
     except KeyboardInterrupt:
-        save_checkpoint(epoch, step, time.perf_counter() - t_start)
+        if pending is not None:  # every batch of the epoch ran, its val pass did not: log it without
+            result.epochs.append(pending)
+            position, partial = (pending.epoch, 0), None
+        save_checkpoint(*position, time.perf_counter() - t_start, partial)
         result.interrupted = True
         result.checkpoint = str(ckpt_file)
         raise TrainingInterrupted(str(ckpt_file)) from None

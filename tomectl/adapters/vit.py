@@ -227,6 +227,10 @@ def layer_specs(model, removed) -> list[LayerSpec]:
     return specs
 
 
+def _shapes(modules: nn.ModuleDict) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in modules.state_dict().items()}
+
+
 def install(model: nn.Module, plan: ReductionPlan, modules: Optional[nn.ModuleDict] = None) -> nn.Module:
     """Install `plan` into `model` in place (again if already installed) and return the model.
 
@@ -265,13 +269,16 @@ def install(model: nn.Module, plan: ReductionPlan, modules: Optional[nn.ModuleDi
     if method.learned:
         if modules is None:
             current = getattr(model, "tomectl_modules", None)
-            fresh = method.make_modules(layer_specs(model, plan.removed))
-            if current is not None and set(current.keys()) == {str(k) for k in fresh}:
-                modules = current
+            built = method.make_modules(layer_specs(model, plan.removed))
+            fresh = nn.ModuleDict({str(k): m for k, m in built.items()})
+            if current is not None and getattr(current, "tomectl_method", None) == plan.method \
+                    and _shapes(current) == _shapes(fresh):
+                modules = current  # the same method's modules, of the same shapes: keep what they learned
             else:
                 ref = next(model.parameters())
-                modules = nn.ModuleDict({str(k): m for k, m in fresh.items()}).to(ref.device, ref.dtype)
+                modules = fresh.to(ref.device, ref.dtype)
                 modules.train(model.training)  # fresh modules follow the model's mode
+        modules.tomectl_method = plan.method
         model.tomectl_modules = modules
     elif hasattr(model, "tomectl_modules"):
         del model.tomectl_modules

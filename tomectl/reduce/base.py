@@ -87,6 +87,9 @@ class ReductionMethod:
     #: whether an untrained module is still a sensible model (DTEM starts as ToMe); if not, building
     #: the method without trained parameters is refused outside of training
     usable_untrained: bool = True
+    #: whether its training-mode (relaxed) decisions rely on proportional attention, so training
+    #: with prop_attn off is refused (DTEM: a merged-away token vanishes only through its log-size)
+    trains_with_prop_attn: bool = False
     #: whether decisions are dense mixing matrices (`Decision.mix`), whose matmul `overhead_macs`
     #: counts itself in every formulation
     dense: bool = False

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .base import LayerSpec, ReductionMethod, Signals
+from .base import LayerSpec, Signals
 from .merge import Decision
 from .tome import ToMe, bipartite_soft_matching
 
@@ -128,6 +128,7 @@ class DTEM(ToMe):
     name = "dtem"
     learned = True
     usable_untrained = True  # starts as ToMe
+    trains_with_prop_attn = True
     option_defaults = {"dim": None, "tau": 0.1, "candidates": 4}
 
     def __init__(self, **options) -> None:

@@ -16,6 +16,19 @@ paper's formula.
 M is fixed by the schedule: a block receiving n unprotected tokens and removing `amount` keeps
 ``M = n - amount``. The queries are trained (`tomectl train`); untrained queries are random, so a
 model is refused without trained parameters.
+
+Initialisation (this implementation's choice; the paper fine-tunes the whole model from random
+queries): with a *frozen* backbone, near-zero random queries give near-uniform weights, every
+output token becomes the image's mean token and the frozen later blocks see M copies of one token
+(agreement with the unreduced model ~1 %, and little gradient to leave that state). So on its
+first training-mode forward the module initialises itself from the data it sees (a data-dependent
+init, like weight norm's): the queries become `init_beta` times the unit centres of a few
+iterations of spherical k-means over that batch's layer-normed tokens, so each query starts as a
+sharp "pick the tokens like this prototype" and the merge starts as a soft clustering. Measured
+on DeiT-Tiny (one merger at block 3, 196 -> 84 tokens, 300 val images, before any gradient step):
+agreement 1 % from random queries, 27 / 66 / 72 / 73 % with init_beta 20 / 60 / 150 / 400; the
+default 100 keeps the softmax trainable. The flag `initialised` is a buffer, so it is saved,
+resumed and loaded with the queries.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import math
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import LayerSpec, ReductionMethod, Signals, check_layers, within
@@ -33,15 +47,41 @@ from .merge import Decision
 class PatchMergerModule(nn.Module):
     """M learned queries and a layer norm: tokens [B, n, C] -> mixing weights [B, M, n]."""
 
-    def __init__(self, embed_dim: int, n_out: int) -> None:
+    def __init__(self, embed_dim: int, n_out: int, init_beta: float = 100.0, kmeans_iters: int = 10) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(embed_dim)
         self.queries = nn.Parameter(torch.empty(n_out, embed_dim))
         nn.init.trunc_normal_(self.queries, std=0.02)
         self.scale = 1.0 / math.sqrt(embed_dim)
+        self.init_beta = init_beta
+        self.kmeans_iters = kmeans_iters
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not bool(self.initialised):
+            self.init_from(x)
         return ((self.queries * self.scale) @ self.norm(x).transpose(1, 2)).softmax(dim=-1)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"queries"}  # their norm is the softmax's sharpness: decay would flatten it
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor) -> None:
+        """Queries <- init_beta * unit centres of spherical k-means over the layer-normed tokens `x`
+        [B, n, C] (scores are then ~ init_beta * cosine, since |LN(x)| ~ sqrt(C))."""
+        feats = F.normalize(self.norm(x.detach()).reshape(-1, x.shape[-1]).float(), dim=-1)
+        m = self.queries.shape[0]
+        g = torch.Generator(device="cpu").manual_seed(0)
+        centres = feats[torch.randperm(len(feats), generator=g)[:m].to(feats.device)]
+        if len(centres) < m:  # fewer tokens than queries in this batch: repeat them
+            centres = centres.repeat(math.ceil(m / len(centres)), 1)[:m]
+        for _ in range(self.kmeans_iters):
+            assign = (feats @ centres.T).argmax(dim=-1)
+            sums = torch.zeros_like(centres).index_add_(0, assign, feats)
+            counts = torch.bincount(assign, minlength=m)
+            centres = torch.where(counts[:, None] > 0, F.normalize(sums, dim=-1), centres)
+        self.queries.copy_(self.init_beta * centres.to(self.queries.dtype))
+        self.initialised.fill_(True)
 
 
 def patch_merger_mix(weights: torch.Tensor, protected: int) -> torch.Tensor:
