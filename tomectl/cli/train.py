@@ -22,12 +22,19 @@ from . import common
 
 def _render(res: lib.TrainResult) -> None:
     t = Table(title=f"tomectl train: {res.recipe['model']}, {res.recipe['method']}", title_justify="left")
-    for col in ("epoch", "loss", "KL", "aux", "CE", "lr", "img/s", "val agreement", "val KL"):
-        t.add_column(col, justify="right")
+    val = any(e.agreement is not None for e in res.epochs)
+    ce = any(e.ce is not None for e in res.epochs)
+    aux = any(e.aux for e in res.epochs)
+    cols = ["epoch", "loss", "KL"] + (["aux"] if aux else []) + (["CE"] if ce else []) + ["lr", "img/s"] \
+        + (["val agree", "val KL"] if val else [])
+    for col in cols:
+        t.add_column(col, justify="right", no_wrap=True)
     for e in res.epochs:
-        t.add_row(str(e.epoch), f"{e.loss:.4f}", f"{e.kl:.4f}", f"{e.aux:.4f}",
-                  "" if e.ce is None else f"{e.ce:.3f}", f"{e.lr:.2e}", f"{e.img_per_s:.1f}",
-                  "" if e.agreement is None else f"{e.agreement:.1%}", "" if e.kl_val is None else f"{e.kl_val:.4f}")
+        row = [str(e.epoch), f"{e.loss:.4f}", f"{e.kl:.4f}"] + ([f"{e.aux:.4f}"] if aux else []) \
+            + (["" if e.ce is None else f"{e.ce:.3f}"] if ce else []) + [f"{e.lr:.1e}", f"{e.img_per_s:.1f}"]
+        if val:
+            row += ["" if e.agreement is None else f"{e.agreement:.1%}", "" if e.kl_val is None else f"{e.kl_val:.4f}"]
+        t.add_row(*row)
     common.out.print(t)
     common.out.print(
         f"{res.images} images{' (labelled: CE on)' if res.labelled and res.config['ce_weight'] > 0 else ''}, "
