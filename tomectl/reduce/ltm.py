@@ -55,7 +55,7 @@ from torch import nn
 
 from ..errors import UserError
 from .base import LayerSpec, ReductionMethod, Signals, check_layers, within
-from .merge import Decision, TokenState, apply_decision
+from .merge import Decision, TokenState, apply_decision, protected_mix
 
 #: inverse temperature of the mask's softmax is learned in log space, kept within [1, MAX_BETA]
 MAX_BETA = 100.0
@@ -119,15 +119,8 @@ class MaskModule(nn.Module):
 
 def ltm_mix(assign: torch.Tensor, protected: int) -> torch.Tensor:
     """[B, n, m] assignment of the unprotected tokens -> [B, protected + m, protected + n] mixing
-    matrix (`Decision.mix`) that keeps the protected tokens in place (concatenation, no scatter)."""
-    w = assign.transpose(1, 2)  # [B, m, n]
-    b, m, n = w.shape
-    if protected == 0:
-        return w
-    eye = torch.eye(protected, dtype=w.dtype, device=w.device).expand(b, protected, protected)
-    top = torch.cat([eye, w.new_zeros(b, protected, n)], dim=2)
-    bottom = torch.cat([w.new_zeros(b, m, protected), w], dim=2)
-    return torch.cat([top, bottom], dim=1)
+    matrix (`Decision.mix`) that keeps the protected tokens in place."""
+    return protected_mix(assign.transpose(1, 2), protected)
 
 
 def ib_bound(x: torch.Tensor, merged: torch.Tensor, assign: torch.Tensor, log_assign: torch.Tensor,

@@ -199,6 +199,19 @@ def _apply_mix(decision: Decision, x: torch.Tensor, state: TokenState) -> tuple[
     return num / den, replace(state, size=den, source=source, presence=decision.presence)
 
 
+def protected_mix(weights: torch.Tensor, protected: int) -> torch.Tensor:
+    """[B, m, n] dense merge weights over the unprotected tokens -> the [B, protected + m,
+    protected + n] `Decision.mix` that keeps the protected tokens in place (concatenation, no
+    scatter)."""
+    b, m, n = weights.shape
+    if protected == 0:
+        return weights
+    eye = torch.eye(protected, dtype=weights.dtype, device=weights.device).expand(b, protected, protected)
+    top = torch.cat([eye, weights.new_zeros(b, protected, n)], dim=2)
+    bottom = torch.cat([weights.new_zeros(b, m, protected), weights], dim=2)
+    return torch.cat([top, bottom], dim=1)
+
+
 def mlerp_rescale(avg: torch.Tensor, target_norm: torch.Tensor) -> torch.Tensor:
     """ToFu's MLERP: keep the direction of `avg` [B, M, C], give it the norm `target_norm` [B, M, 1].
 

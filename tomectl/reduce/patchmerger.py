@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import LayerSpec, ReductionMethod, Signals, check_layers, within
-from .merge import Decision
+from .merge import Decision, protected_mix
 
 
 class PatchMergerModule(nn.Module):
@@ -86,14 +86,8 @@ class PatchMergerModule(nn.Module):
 
 def patch_merger_mix(weights: torch.Tensor, protected: int) -> torch.Tensor:
     """[B, M, n] merger weights over the unprotected tokens -> [B, protected + M, protected + n]
-    mixing matrix that keeps the protected tokens in place (built by concatenation, no scatter)."""
-    b, m, n = weights.shape
-    if protected == 0:
-        return weights
-    eye = torch.eye(protected, dtype=weights.dtype, device=weights.device).expand(b, protected, protected)
-    top = torch.cat([eye, weights.new_zeros(b, protected, n)], dim=2)
-    bottom = torch.cat([weights.new_zeros(b, m, protected), weights], dim=2)
-    return torch.cat([top, bottom], dim=1)
+    mixing matrix that keeps the protected tokens in place."""
+    return protected_mix(weights, protected)
 
 
 class PatchMerger(ReductionMethod):
