@@ -110,3 +110,17 @@ def test_tampered_artifact_is_refused(tmp_path):
         tomectl.load(out)
     with pytest.raises(UserError, match="no recipe.yaml"):
         artifact.read(tmp_path)
+
+
+def test_artifacts_write_the_method_options_in_full(tmp_path):
+    """An artifact pins every method option, defaults included (a later default change cannot
+    change what it computes), and its recipe reads back as a valid recipe."""
+    rec = recipe.Recipe(model="deit_tiny_patch16_224", schedule=Schedule(r=8), method="tofu",
+                        method_options={"norm": "mean"})
+    out = tmp_path / "art"
+    compress.compress(rec, out, random_weights=True)
+    doc = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert doc["options"] == {"prop_attn": True, "formulation": "scatter", "transition": None, "norm": "mean"}
+    back = artifact.read(out)[0]
+    assert back.method_options == {"transition": None, "norm": "mean"}
+    assert tomectl.load(out).tomectl_plan.options == {"transition": None, "norm": "mean"}

@@ -92,7 +92,13 @@ def atomic_file(out: str | Path, force: bool = True) -> Iterator[Path]:
 
 
 def recipe_document(recipe: Recipe, removed, tokens, weights: dict, version: str) -> dict:
+    """The artifact's recipe.yaml: the recipe with what it resolved to. The method's options are
+    written in full (defaults included), so a later release that changes a default does not
+    change what an existing artifact computes."""
+    from .reduce import get_method
+
     d = recipe.to_dict()
+    d["options"] = {**d["options"], **get_method(recipe.method, recipe.method_options).options}
     d["weights"] = weights
     d["removed_per_layer"] = list(removed)
     d["tokens_per_layer"] = list(tokens)
