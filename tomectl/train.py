@@ -289,6 +289,15 @@ def _no_weight_decay(root: torch.nn.Module) -> set[str]:
     return names
 
 
+def _awaits_data_init(model) -> bool:
+    """Whether a learned module initialises itself on its first training batch (it declares an
+    `initialised` buffer that is still false): then one forward pass runs before training."""
+    modules = getattr(model, "tomectl_modules", None)
+    return modules is not None and any(
+        isinstance(getattr(m, "initialised", None), torch.Tensor) and not bool(m.initialised) for m in modules.modules()
+    )
+
+
 def _trainable(built: Built, finetune: bool) -> list[torch.nn.Parameter]:
     model = built.model
     modules = getattr(model, "tomectl_modules", None)
@@ -409,7 +418,7 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
         result.epochs = [EpochLog(**e) for e in ck["log"]]
         result.val_initial = ck.get("val_initial")
 
-    if not resume:  # data-dependent initialisation (PatchMerger's queries) before DDP syncs rank 0's state
+    if not resume and _awaits_data_init(model):  # PatchMerger's queries, before DDP syncs rank 0's state
         first = data_mod.collate([dataset[i] for i in epoch_indices(len(samples), config.seed, 0, d.rank, d.world)
                                   [: config.batch_size]])
         if len(first.images):
@@ -463,7 +472,7 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
                            "done": start_epoch * steps_per_epoch + start_step})
     t_start = time.perf_counter() - elapsed
     position = (start_epoch, start_step)  # where a resume would continue
-    partial = resumed_partial if resume else None
+    partial = resumed_partial
     pending: Optional[EpochLog] = None  # an epoch whose batches are done but which is not logged yet
     try:
         for epoch in range(start_epoch, config.epochs):

@@ -93,7 +93,7 @@ def train(
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, console=common.console, transient=True) as bar:
+    with Progress(*columns, console=common.console, transient=True, disable=json_) as bar:
         task = None
 
         def progress(event: str, info: dict) -> None:
