@@ -23,7 +23,7 @@ from tomectl.reduce import (
     token_fusion,
 )
 from tomectl.reduce.bat import bat_counts
-from tomectl.reduce.merge import mlerp_rescale
+from tomectl.reduce.merge import FORMULATIONS, mlerp_rescale, slots_of
 from tomectl.schedule import Schedule, resolve, token_counts
 
 NEW = ("tofu", "evit", "bat")
@@ -89,14 +89,19 @@ def test_tofu_prune_drops_the_source_and_leaves_its_destination_exact():
     metric = torch.randn(2, 11, 8, generator=g)
     x = torch.randn(2, 11, 8, generator=g)
     d = token_fusion(metric, 3, protected=1, prune=True)
-    assert d.n_out == 8 and int((d.weight == 0).sum()) == 2 * 3  # exactly r sources dropped per image
-    out, state = apply_decision(d, x, TokenState(1, source=torch.eye(11).expand(2, 11, 11)))
-    assert state.size.sum(dim=(1, 2)).tolist() == [8.0, 8.0]  # dropped tokens' sizes vanish
-    kept_rows = state.source.argmax(dim=-1)  # every output slot holds exactly one original token
-    assert (state.source.sum(-1) == 1).all()
-    assert torch.equal(out, x.gather(1, kept_rows[..., None].expand(2, 8, 8)))  # bit-exact copies
+    assert d.n_out == 8 and d.match.drop
+    assert int(d.match.matched(11).sum()) == 2 * 3  # exactly r sources dropped per image
+    for formulation in FORMULATIONS:
+        out, state = apply_decision(d, x, TokenState(1, source=torch.eye(11).expand(2, 11, 11)), formulation)
+        assert state.sizes(out).sum(dim=(1, 2)).tolist() == [8.0, 8.0]  # dropped tokens' sizes vanish
+        kept_rows = state.source.argmax(dim=-1)  # every output slot holds exactly one original token
+        assert (state.source.sum(-1) == 1).all()
+        assert torch.equal(out, x.gather(1, kept_rows[..., None].expand(2, 8, 8)))  # bit-exact copies
+    # pruning keeps every token a single patch: no sizes (no attention bias) in the scatter form
+    assert apply_decision(d, x, TokenState(1))[1].size is None
     merged = token_fusion(metric, 3, protected=1, prune=False)
-    assert merged.weight is None and merged.norm == "max" and torch.equal(merged.dst, d.dst)
+    assert merged.weight is None and merged.norm == "max" and not merged.match.drop
+    assert torch.equal(slots_of(merged, 11), slots_of(d, 11))
 
 
 def test_evit_fuses_the_inattentive_tokens_by_attention():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tomectl.reduce import TokenState, apply_decision, bipartite_soft_matching
-from tomectl.reduce.merge import Decision
+from tomectl.reduce.merge import Decision, slots_of
 
 
 def test_matching_merges_the_most_similar_pairs():
@@ -19,7 +19,7 @@ def test_matching_merges_the_most_similar_pairs():
     ])[None]
     d = bipartite_soft_matching(metric, r=2, protected=1)
     assert d.n_out == 5
-    dst = d.dst[0].tolist()
+    dst = slots_of(d, 7)[0].tolist()
     assert dst[0] == 0  # the class token stays in place
     # B tokens occupy the last 3 slots in order: free1 -> 2, free3 -> 3, free5 -> 4
     assert dst[2] == 2 and dst[4] == 3 and dst[6] == 4
@@ -35,10 +35,11 @@ def test_decision_is_a_valid_assignment(n_free, r):
     metric = torch.randn(3, protected + n_free, 16)
     d = bipartite_soft_matching(metric, r=r, protected=protected)
     assert d.n_out == protected + n_free - r
-    assert d.dst.shape == (3, protected + n_free)
-    assert (d.dst[:, :protected] == torch.arange(protected)).all()
+    dst = slots_of(d, protected + n_free)
+    assert dst.shape == (3, protected + n_free)
+    assert (dst[:, :protected] == torch.arange(protected)).all()
     for b in range(3):
-        counts = torch.bincount(d.dst[b], minlength=d.n_out)
+        counts = torch.bincount(dst[b], minlength=d.n_out)
         assert (counts >= 1).all()  # every output slot receives a token
         assert counts.sum() == protected + n_free
         assert (counts[:protected] == 1).all()  # nothing merges into protected tokens
@@ -101,3 +102,40 @@ def test_proportional_attention_bias_is_log_size():
     assert bias.shape == (1, 1, 1, 3)
     torch.testing.assert_close(bias[0, 0, 0], torch.log(torch.tensor([1.0, 2.0, 4.0])))
     assert TokenState(protected=1).attn_bias() is None
+
+
+@pytest.mark.parametrize("protected,n_free,r", [(0, 196, 13), (1, 196, 13), (1, 9, 4), (5, 2, 1), (1, 197, 98)])
+@pytest.mark.parametrize("sized", [False, True])
+@pytest.mark.parametrize("variant", ["average", "drop", "max", "mean"])
+def test_bipartite_gather_path_equals_the_slot_form(protected, n_free, r, sized, variant):
+    """The scatter formulation merges a bipartite decision by gathering rows and moving only the
+    matched ones (`merge._apply_bipartite`); it must give what the generic slot form gives, in
+    both formulations: tokens, sizes and sources."""
+    from dataclasses import replace
+
+    from tomectl.reduce.merge import _as_slots
+
+    g = torch.Generator().manual_seed(n_free + r)
+    n = protected + n_free
+    x, metric = torch.randn(3, n, 16, generator=g), torch.randn(3, n, 8, generator=g)
+    size = torch.rand(3, n, 1, generator=g) * 3 + 1 if sized else None
+    state = TokenState(protected, size=size, source=torch.rand(3, n, 30, generator=g))
+    d = bipartite_soft_matching(metric, r, protected)
+    if variant == "drop":
+        d = replace(d, match=replace(d.match, drop=True))
+    elif variant != "average":
+        d = replace(d, norm=variant)
+    out, st = apply_decision(d, x, state, "scatter")
+    assert out.shape == (3, n - r, 16)
+    for formulation in ("scatter", "onehot"):
+        ref, ref_st = apply_decision(_as_slots(d, x), x, state, formulation)
+        torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(st.sizes(out), ref_st.sizes(ref), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(st.source, ref_st.source, atol=1e-6, rtol=1e-6)
+    # a slot that receives one token is that token, bit for bit (sizes or not)
+    _, one = apply_decision(d, x, TokenState(protected, size=size, source=torch.eye(n).expand(3, n, n)))
+    single = one.source.sum(-1) == 1
+    token = one.source.argmax(-1)
+    assert torch.equal(out[single], x.gather(1, token[..., None].expand(-1, -1, 16))[single])
+    if variant == "drop":
+        assert single.all()

@@ -36,7 +36,7 @@ import torch
 from ..errors import UserError
 from .base import ReductionMethod, Signals, check_layers, within
 from .evit import attention_order, default_layers, fusion_weight
-from .merge import Decision, identity_slots
+from .merge import Decision, identity_slots, slots_of
 from .tome import bipartite_soft_matching
 
 
@@ -107,7 +107,7 @@ def beyond_attentive_tokens(metric: torch.Tensor, cls_attn: torch.Tensor, amount
 
     att = feats.gather(1, order[:, :k, None].expand(b, k, c_dim))  # [B, k, C] attention order
     matched = bipartite_soft_matching(att, m, 0) if m > 0 else None
-    att_slot = identity_slots(b, k, metric.device) if matched is None else matched.dst  # [B, k]
+    att_slot = identity_slots(b, k, metric.device) if matched is None else slots_of(matched, k)  # [B, k]
 
     inatt = feats.gather(1, order[:, k:, None].expand(b, n_free - k, c_dim))  # [B, n_in, C]
     cluster, _ = density_peak_clusters(inatt, c, knn)  # [B, n_in]

@@ -26,6 +26,14 @@ queries, LTM's masks, DTEM's relaxed merge while training): ``mix[b, j, i] >= 0`
 input token i goes to output j, and ``x_j = sum_i mix_ji s_i x_i / sum_i mix_ji s_i`` with size
 ``sum_i mix_ji s_i``; a hard assignment is the special case of a 0/1 matrix. MatMul only.
 
+A *bipartite* decision (`Bipartite`: ToMe's matching, and ToFu and DTEM which reuse it) is kept in
+its own terms instead: which A tokens are matched and to which B token. The scatter formulation
+then does what the reference ToMe code does: the protected and unmatched A tokens are gathered as
+they are, and only the B tokens take sums (the matched A tokens scatter-added into their partners),
+so no pass over all tokens is spent on sums, no output is zero-filled, and no slot index is needed.
+Its output is the same (up to float rounding of the sums) as the slot form, which the onehot
+formulation and everything else still use (`slots_of`).
+
 A decision may ask for a norm-preserving merge (``norm="max"``, ToFu's MLERP): the size-weighted
 average keeps its direction and is rescaled to the largest norm among the tokens sent to the slot,
 ``x_j = avg_j * max_i |x_i| / |avg_j|``. The maximum is a ``scatter_reduce(amax)`` (ONNX
@@ -45,11 +53,63 @@ NORMS = ("max", "mean")
 
 
 @dataclass(frozen=True)
+class Bipartite:
+    """ToMe's bipartite matching, in its own terms (see `tome.bipartite_soft_matching`).
+
+    The unprotected tokens split alternately into A (even positions) and B (odd); every A token
+    has a most similar B token, and the `r` A tokens with the most similar partners merge into them.
+    The output layout is [protected, unmatched A (most similar first), B].
+
+    order:     [B, n_a] int64, A-set indices sorted by their edge's similarity, highest first: the
+               first `r` merge, the rest stay in that order.
+    partner:   [B, n_a] int64, each A token's most similar token in the B set (index into B).
+    r:         tokens removed (A tokens matched).
+    protected: leading tokens that stay in place.
+    drop:      the matched A tokens are dropped (pruning: their partners stay exactly as they were,
+               sizes unchanged) instead of averaged in (ToFu's early layers).
+    """
+
+    order: torch.Tensor
+    partner: torch.Tensor
+    r: int
+    protected: int
+    drop: bool = False
+
+    def slots(self, n: int) -> torch.Tensor:
+        """The same decision as output slots: [B, n] (`Decision.dst`) for `n` input tokens."""
+        b, n_a = self.order.shape
+        p, r = self.protected, self.r
+        rank = self._rank()
+        b_base = p + n_a - r
+        # A token: its partner's slot if among the r best edges, else its own slot. B tokens keep
+        # their order after the unmatched A tokens.
+        a_slot = torch.where(rank < r, self.partner + b_base, rank + (p - r))
+        b_slot = torch.arange(b_base, b_base + n_a, device=self.order.device).expand(b, n_a)
+        return self._interleave(identity_slots(b, p, self.order.device), a_slot, b_slot, n)
+
+    def matched(self, n: int) -> torch.Tensor:
+        """[B, n] bool: the A tokens that merge into (or are dropped for) a B token."""
+        hit = self._rank() < self.r
+        none = torch.zeros_like(hit)
+        return self._interleave(hit.new_zeros(hit.shape[0], self.protected), hit, none, n)
+
+    def _rank(self) -> torch.Tensor:
+        return self.order.argsort(dim=-1, stable=True)  # A index -> rank (0 = most similar)
+
+    def _interleave(self, prot: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
+        """[B, p], [B, n_a], [B, n_a] -> [B, n] in token order (A = even, B = odd free positions),
+        without any scatter. `b` has one entry too many when |A| > |B|: it is cut off."""
+        free = torch.stack([a, b], dim=-1).reshape(a.shape[0], -1)[:, : n - self.protected]
+        return torch.cat([prot, free], dim=1)
+
+
+@dataclass(frozen=True)
 class Decision:
     """Where each input token goes.
 
     dst:    [B, N] int64, the output slot (0..n_out-1) of each input token. Every slot receives
-            at least one token with a non-zero weight. None for a dense decision.
+            at least one token with a non-zero weight. None for a dense or a bipartite decision
+            (`slots_of` gives every hard decision's slots).
     n_out:  number of output tokens (a Python int, so shapes stay static).
     weight: [B, N] optional extra averaging weight per input token (multiplies its size). A
             weight of exactly 0 *drops* the token: it neither moves the average nor adds its
@@ -69,6 +129,25 @@ class Decision:
     norm: Optional[str] = None
     mix: Optional[torch.Tensor] = None
     presence: Optional[torch.Tensor] = None
+    match: Optional[Bipartite] = None
+
+
+def slots_of(decision: Decision, n: int) -> torch.Tensor:
+    """[B, n] output slot of each of the `n` input tokens, for a slot or a bipartite decision."""
+    if decision.dst is not None:
+        return decision.dst
+    if decision.match is None:
+        raise ValueError("a dense (mix) decision has no slots")
+    return decision.match.slots(n)
+
+
+def _as_slots(decision: Decision, x: torch.Tensor) -> Decision:
+    """A bipartite decision rewritten in the slot form (dropping = a zero weight)."""
+    m = decision.match
+    weight = None
+    if m.drop:
+        weight = (~m.matched(x.shape[1])).to(x.dtype)
+    return replace(decision, dst=m.slots(x.shape[1]), match=None, weight=weight)
 
 
 @dataclass(frozen=True)
@@ -109,7 +188,8 @@ class TokenState:
         """
         if self.size is None:
             return None
-        return self.size.log().transpose(1, 2).unsqueeze(1)
+        b, n, _ = self.size.shape
+        return self.size.log().reshape(b, 1, 1, n)  # [B, N, 1] -> [B, 1, 1, N]: one Reshape in ONNX
 
 
 def apply_decision(
@@ -121,14 +201,20 @@ def apply_decision(
     """Carry out `decision` on tokens `x` [B, N, C]; returns the new tokens [B, n_out, C] and state."""
     if decision.mix is not None:
         return _apply_mix(decision, x, state)
+    if decision.norm is not None and decision.norm not in NORMS:
+        raise ValueError(f"unknown merge norm {decision.norm!r}; choose one of {NORMS}")
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"unknown merge formulation {formulation!r}; choose one of {FORMULATIONS}")
+    if decision.match is not None:
+        if formulation == "scatter" and decision.weight is None:
+            return _apply_bipartite(decision, x, state)
+        decision = _as_slots(decision, x)
     size = state.sizes(x)
     keep = None if decision.weight is None else (decision.weight != 0).to(x.dtype)[..., None]
     w = size if decision.weight is None else size * decision.weight[..., None]
     kept_size = size if keep is None else size * keep
     unit = state.size is None and decision.weight is None  # every weight is 1: x * w == x exactly
 
-    if decision.norm is not None and decision.norm not in NORMS:
-        raise ValueError(f"unknown merge norm {decision.norm!r}; choose one of {NORMS}")
     member_norm = None
     if decision.norm is not None:
         member_norm = x.norm(dim=-1, keepdim=True)  # [B, N, 1]
@@ -152,7 +238,7 @@ def apply_decision(
         if decision.norm == "max":
             idx = decision.dst[..., None]
             target = x.new_zeros(b, decision.n_out, 1).scatter_reduce(1, idx, member_norm, reduce="amax")
-    elif formulation == "onehot":
+    else:  # onehot
         slots = torch.arange(decision.n_out, device=x.device, dtype=decision.dst.dtype)
         assign_t = (decision.dst[..., None] == slots).to(x.dtype).transpose(1, 2)  # [B, n_out, N]
         num = assign_t @ (x * w)
@@ -163,15 +249,102 @@ def apply_decision(
             source = assign_t @ (state.source if keep is None else state.source * keep)
         if decision.norm == "max":
             target = (assign_t * member_norm.transpose(1, 2)).amax(dim=-1, keepdim=True)  # [B, n_out, 1]
-    else:
-        raise ValueError(f"unknown merge formulation {formulation!r}; choose one of {FORMULATIONS}")
-
     out = num / den
     if decision.norm == "mean":
         out, target = out[..., :-1], out[..., -1:]
     if member_norm is not None:
         out = mlerp_rescale(out, target)
     return out, replace(state, size=new_size, source=source, presence=decision.presence)
+
+
+def _apply_bipartite(decision: Decision, x: torch.Tensor, state: TokenState) -> tuple[torch.Tensor, TokenState]:
+    """The scatter formulation of a bipartite decision, on flat rows (the batch folded in).
+
+    Every output slot starts as a copy of one input token (protected, unmatched A, B: one row
+    gather), and each matched A token i then moves its partner j by ``s_i (x_i - x_j) / S_j``, with
+    ``S_j = s_j + sum of the s_i merged into j``: the sum of those moves gives exactly the
+    size-weighted average ``(s_j x_j + sum_i s_i x_i) / S_j``, while only the r matched rows are
+    read twice. A slot that receives nothing is an exact copy of its token.
+    """
+    m = decision.match
+    b, n, c = x.shape
+    p, r = m.protected, m.r
+    n_out = n - r
+    prot_rows, a_rows, b_rows, into_rows = _bipartite_rows(b, n, p, r, x)
+    a_sorted = a_rows.gather(1, m.order)  # flat input rows of the A tokens, most similar edge first
+    # Flat row (image * n + token) of each output slot's own token: [protected, unmatched A, B].
+    keep = torch.cat([prot_rows, a_sorted[:, r:], b_rows], dim=1).reshape(-1)
+    x_flat = x.reshape(b * n, c)
+    y = x_flat.index_select(0, keep)
+    size = state.size
+    size_flat = None if size is None else size.reshape(b * n, 1)
+    s_keep = None if size is None else size_flat.index_select(0, keep)
+    src_flat = None if state.source is None else state.source.reshape(b * n, -1)
+
+    def done(out, new_size, source):
+        source = None if source is None else source.view(b, n_out, -1)
+        new_size = None if new_size is None else new_size.view(b, n_out, 1)
+        return out.view(b, n_out, c), TokenState(state.protected, new_size, source, decision.presence)
+
+    if m.drop:  # pruning: the matched A tokens vanish; B tokens and sizes stay exactly as they were
+        return done(y, s_keep, None if src_flat is None else src_flat.index_select(0, keep))
+
+    src = a_sorted[:, :r].reshape(-1)  # flat input rows of the matched A tokens
+    into = into_rows.gather(1, m.partner.gather(1, m.order[:, :r])).reshape(-1)  # flat output rows they join
+    x_src = x_flat.index_select(0, src)
+    if size is None:
+        den = x.new_ones(b * n_out, 1).index_add(0, into, x.new_ones(b * r, 1))
+        share = den.index_select(0, into).reciprocal()  # s_i / S_j with every s = 1
+    else:
+        s_src = size_flat.index_select(0, src)
+        den = s_keep.index_add(0, into, s_src)
+        share = s_src / den.index_select(0, into)  # s_i / S_j
+    out = y.index_add(0, into, (x_src - y.index_select(0, into)) * share)
+    if decision.norm is not None:
+        if decision.norm == "max":
+            target = y.norm(dim=-1, keepdim=True).scatter_reduce(  # ONNX ScatterElements (max)
+                0, into[:, None], x_src.norm(dim=-1, keepdim=True), reduce="amax")
+        else:  # the members' size-weighted mean norm, by the same moves
+            target = y.norm(dim=-1, keepdim=True)
+            target = target.index_add(0, into, (x_src.norm(dim=-1, keepdim=True) - target.index_select(0, into))
+                                      * share)
+        out = mlerp_rescale(out, target)
+    source = None
+    if src_flat is not None:  # membership adds up
+        source = src_flat.index_select(0, keep).index_add(0, into, src_flat.index_select(0, src))
+    return done(out, den, source)
+
+
+_ROWS: dict = {}
+
+
+def _bipartite_rows(b: int, n: int, p: int, r: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Constant flat-row tables of a bipartite merge of `b` images of `n` tokens ([B, k] each):
+    the protected tokens' input rows, the A tokens' and the B tokens' input rows (by A / B index),
+    and the B tokens' output rows (by B index; output layout [protected, n_a - r unmatched A, B]).
+
+    Built once per shape and device in eager use (a merge runs a dozen tiny operators, and each
+    arange costs as much as one); built afresh while tracing (export, compile), where they become
+    graph constants."""
+    key = (b, n, p, r, x.device)
+    eager = type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+    rows = _ROWS.get(key) if eager else None
+    if rows is None:
+        with torch.inference_mode(False):  # plain tensors: usable under autograd too
+            tok = torch.arange(n, device=x.device)
+            n_b = (n - p) // 2
+            out_b = torch.arange(p + (n - p + 1) // 2 - r, n - r, device=x.device)
+            if b > 1:
+                tok = tok + torch.arange(b, device=x.device)[:, None] * n
+                out_b = out_b + torch.arange(b, device=x.device)[:, None] * (n - r)
+            tok = tok.expand(b, n)
+            rows = (tok[:, :p].contiguous(), tok[:, p::2].contiguous(), tok[:, p + 1::2].contiguous(),
+                    out_b.expand(b, n_b).contiguous())
+        if eager:
+            if len(_ROWS) > 256:
+                _ROWS.clear()
+            _ROWS[key] = rows
+    return rows
 
 
 def _add_rows(t: torch.Tensor, rows: torch.Tensor, batch: int, n_out: int) -> torch.Tensor:

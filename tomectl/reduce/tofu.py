@@ -24,6 +24,7 @@ the merged norm is exactly the largest member norm, as the method is described.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -32,20 +33,6 @@ from ..errors import UserError
 from .base import Signals
 from .merge import NORMS, Decision
 from .tome import ToMe, bipartite_soft_matching
-
-
-def matched_sources(decision: Decision, n_tokens: int, r: int, protected: int) -> torch.Tensor:
-    """[B, N] bool: the tokens `bipartite_soft_matching` sends into a B token's slot.
-
-    Its output layout is [protected, unmerged A, B]: an A token (even unprotected position) whose
-    slot lies in the B range was matched.
-    """
-    n_free = n_tokens - protected
-    n_a = (n_free + 1) // 2
-    b_base = protected + n_a - r
-    pos = torch.arange(n_tokens, device=decision.dst.device)
-    is_a = (pos >= protected) & ((pos - protected) % 2 == 0)
-    return is_a & (decision.dst >= b_base)
 
 
 def token_fusion(metric: torch.Tensor, r: int, protected: int, prune: bool,
@@ -63,10 +50,8 @@ def token_fusion(metric: torch.Tensor, r: int, protected: int, prune: bool,
     if decision is None:
         return None
     if not prune:
-        return Decision(dst=decision.dst, n_out=decision.n_out, norm=norm)
-    src = matched_sources(decision, metric.shape[1], r, protected)
-    weight = (~src).to(metric.dtype)
-    return Decision(dst=decision.dst, n_out=decision.n_out, weight=weight)
+        return replace(decision, norm=norm)
+    return replace(decision, match=replace(decision.match, drop=True))
 
 
 class ToFu(ToMe):
@@ -92,6 +77,6 @@ class ToFu(ToMe):
     def decide(self, amount: int, signals: Signals) -> Optional[Decision]:
         if signals.layer < 0 or signals.n_layers <= 0:
             raise ValueError("ToFu needs the block index and depth (Signals.layer, n_layers)")
-        metric = signals.keys.mean(dim=1)  # [B, N, d]: keys averaged over heads, as ToMe
+        metric = signals.keys.sum(dim=1)  # [B, N, d]: keys summed over heads, as ToMe (same cosine)
         prune = signals.layer < self.transition(signals.n_layers)
         return token_fusion(metric, amount, signals.state.protected, prune, self.options["norm"])

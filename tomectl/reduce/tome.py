@@ -9,6 +9,10 @@ Section 3 of the paper, in the order it is written:
 5. Merge the r A tokens into their B partners (size-weighted average, in `merge.py`); the other
    A tokens and all B tokens stay. Output: [protected, unmerged A (most similar first), B].
 
+The decision is returned in these terms (`merge.Bipartite`: the A tokens by edge similarity, and
+each one's partner), so that the merge can gather the tokens that stay and sum only into B, as the
+reference code does; `merge.slots_of` gives the same decision as an output slot per token.
+
 Protected tokens (class, distillation, registers) take no part in matching: they keep their
 positions and are never merged. At most half of the unprotected tokens (|A| = ceil(n/2)... capped
 at |B| = floor(n/2) merges) can go in one layer.
@@ -21,7 +25,7 @@ from typing import Optional
 import torch
 
 from .base import ReductionMethod, Signals
-from .merge import Decision, identity_slots
+from .merge import Bipartite, Decision
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) -> Optional[Decision]:
@@ -39,28 +43,13 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) ->
     if r > n_free // 2:
         raise ValueError(f"ToMe can merge at most {n_free // 2} of {n_free} tokens, asked {r}")
 
-    m = metric[:, protected:]
-    m = m / m.norm(dim=-1, keepdim=True)
-    a, bb = m[:, 0::2], m[:, 1::2]
-    n_a, n_b = a.shape[1], bb.shape[1]
+    m = metric / metric.norm(dim=-1, keepdim=True)  # protected rows too: unused, one op fewer
+    a, bb = m[:, protected::2], m[:, protected + 1 :: 2]
     scores = a @ bb.transpose(1, 2)  # [B, n_a, n_b] cosine similarity
 
     best, partner = scores.max(dim=-1)  # each A token's most similar B token
     order = best.argsort(dim=-1, descending=True, stable=True)  # rank -> A index
-    rank = order.argsort(dim=-1, stable=True)  # A index -> rank (0 = most similar)
-
-    n_unm = n_a - r
-    b_base = protected + n_unm
-    # A token: merged into its partner's slot if among the r best edges, else its own slot.
-    a_slot = torch.where(rank < r, partner + b_base, rank + (protected - r))
-    # B tokens keep their order after the unmerged A tokens (one extra slot when |A| > |B|: it
-    # pairs with the last A token and is cut off below).
-    b_slot = torch.arange(b_base, b_base + n_a, device=metric.device).expand(b, n_a)
-
-    # Interleave back to token order (A = even, B = odd positions) without any scatter.
-    free_slot = torch.stack([a_slot, b_slot], dim=-1).reshape(b, -1)[:, :n_free]
-    dst = torch.cat([identity_slots(b, protected, metric.device), free_slot], dim=1)
-    return Decision(dst=dst, n_out=n - r)
+    return Decision(dst=None, n_out=n - r, match=Bipartite(order=order, partner=partner, r=r, protected=protected))
 
 
 class ToMe(ReductionMethod):
@@ -79,5 +68,7 @@ class ToMe(ReductionMethod):
         return ((n_free + 1) // 2) * (n_free // 2) * head_dim  # the A x B similarity matmul
 
     def decide(self, amount: int, signals: Signals) -> Optional[Decision]:
-        metric = signals.keys.mean(dim=1)  # [B, N, d]: keys averaged over heads
+        # [B, N, d]: the keys summed over heads; the cosine similarity of their average is the
+        # same, and the sum is one operator fewer
+        metric = signals.keys.sum(dim=1)
         return bipartite_soft_matching(metric, amount, signals.state.protected)
