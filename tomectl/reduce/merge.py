@@ -15,8 +15,8 @@ torch's new exporter as an unreduced ScatterElements without any error, and give
 Two formulations give the same numbers:
 
 - ``"scatter"``: ``index_add`` of the rows of ``w s x`` and of ``w s`` into the output slots, with
-  the batch folded into one flat row index (ONNX ScatterND with reduction=add). Fastest on CPU, in
-  PyTorch and onnxruntime alike (see `_add_rows`).
+  the batch folded into one flat row index (ONNX ScatterND with reduction=add; see `_add_rows`).
+  Bipartite decisions take the faster gather form below.
 - ``"onehot"``: an assignment matrix ``A[b, i, j] = (dst[b, i] == j)`` built from an Equal
   against a constant range, then ``A^T (w s x)``: MatMul only, no Scatter at all (TensorRT parses
   it without plugins).
@@ -27,12 +27,15 @@ input token i goes to output j, and ``x_j = sum_i mix_ji s_i x_i / sum_i mix_ji 
 ``sum_i mix_ji s_i``; a hard assignment is the special case of a 0/1 matrix. MatMul only.
 
 A *bipartite* decision (`Bipartite`: ToMe's matching, and ToFu and DTEM which reuse it) is kept in
-its own terms instead: which A tokens are matched and to which B token. The scatter formulation
-then does what the reference ToMe code does: the protected and unmatched A tokens are gathered as
-they are, and only the B tokens take sums (the matched A tokens scatter-added into their partners),
-so no pass over all tokens is spent on sums, no output is zero-filled, and no slot index is needed.
-Its output is the same (up to float rounding of the sums) as the slot form, which the onehot
-formulation and everything else still use (`slots_of`).
+its own terms instead: the A tokens in order of their edge's similarity, and each one's partner in
+B. Its scatter formulation works on flat rows (batch folded in): each output slot starts as a row
+gather of its own token (protected, unmatched A, B), and each matched A token i moves its partner
+j by ``s_i (x_i - x_j) / S_j`` (``S_j`` the slot's summed size, one ``index_add`` of the r sizes):
+the moves add up to exactly the size-weighted average, only the r matched rows are touched twice,
+and a slot that receives nothing is a bit-exact copy of its token. No second sort (no slot index)
+and no zero-filled sum over all tokens: on DeiT-S at batch 8 the merge costs about a third less than
+the slot form's ``index_add`` over every row. The onehot formulation (and a pruning mask under it)
+uses the same decision as slots (`slots_of`).
 
 A decision may ask for a norm-preserving merge (``norm="max"``, ToFu's MLERP): the size-weighted
 average keeps its direction and is rescaled to the largest norm among the tokens sent to the slot,
