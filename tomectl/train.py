@@ -187,6 +187,19 @@ def _all_mean(d: Dist, values: list[float]) -> list[float]:
     return (t / d.world).tolist()
 
 
+def _every_rank_has(d: Dist, n: int) -> bool:
+    """Whether every process's batch holds an image. A batch can be empty (all its images
+    undecodable); DDP's gradient all-reduce would then wait forever for that process, so under DDP
+    the processes agree first and skip the step together."""
+    if d.world <= 1:
+        return n > 0
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if n > 0 else 0], dtype=torch.int32, device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def epoch_indices(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[int]:
     """This process's share of epoch `epoch`'s order: a permutation fixed by (seed, epoch), padded by
     wrapping so every process gets the same number of images."""
@@ -493,7 +506,7 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
             position = (epoch, step)
             for batch in loader:
                 x = batch.images.to(d.device)
-                if not len(x):
+                if not _every_rank_has(d, len(x)):  # an empty batch here or on another process
                     step += 1
                     continue
                 labels = batch.labels.to(d.device) if labelled and config.ce_weight > 0 else None
