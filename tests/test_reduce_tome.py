@@ -139,3 +139,19 @@ def test_bipartite_gather_path_equals_the_slot_form(protected, n_free, r, sized,
     assert torch.equal(out[single], x.gather(1, token[..., None].expand(-1, -1, 16))[single])
     if variant == "drop":
         assert single.all()
+
+
+def test_bipartite_merge_is_differentiable_after_inference_mode_use():
+    """The merge's cached index tables are built outside inference mode, so a model used under
+    `torch.inference_mode()` can still be trained or fine-tuned afterwards in the same process."""
+    g = torch.Generator().manual_seed(0)
+    x, metric = torch.randn(2, 11, 8, generator=g), torch.randn(2, 11, 4, generator=g)
+    d = bipartite_soft_matching(metric, 3, protected=1)
+    state = TokenState(1, size=torch.rand(2, 11, 1, generator=g) + 1)
+    with torch.inference_mode():
+        apply_decision(d, x, state)  # fills the cache for this shape
+    x = x.clone().requires_grad_(True)
+    out, st = apply_decision(d, x, state)
+    (out * torch.arange(8.0)).sum().backward()
+    # each input token's gradient is its share of the slot it went to: the shares of a slot sum to 1
+    assert torch.allclose(x.grad.sum(dim=1), torch.arange(8.0).expand(2, 8) * (11 - 3), atol=1e-5)

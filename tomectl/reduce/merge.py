@@ -260,7 +260,8 @@ def apply_decision(
     return out, replace(state, size=new_size, source=source, presence=decision.presence)
 
 
-def _apply_bipartite(decision: Decision, x: torch.Tensor, state: TokenState) -> tuple[torch.Tensor, TokenState]:
+def _apply_bipartite(decision: Decision, x: torch.Tensor,
+                     state: TokenState) -> tuple[torch.Tensor, TokenState]:
     """The scatter formulation of a bipartite decision, on flat rows (the batch folded in).
 
     Every output slot starts as a copy of one input token (protected, unmatched A, B: one row
@@ -309,8 +310,8 @@ def _apply_bipartite(decision: Decision, x: torch.Tensor, state: TokenState) -> 
                 0, into[:, None], x_src.norm(dim=-1, keepdim=True), reduce="amax")
         else:  # the members' size-weighted mean norm, by the same moves
             target = y.norm(dim=-1, keepdim=True)
-            target = target.index_add(0, into, (x_src.norm(dim=-1, keepdim=True) - target.index_select(0, into))
-                                      * share)
+            move = (x_src.norm(dim=-1, keepdim=True) - target.index_select(0, into)) * share
+            target = target.index_add(0, into, move)
         out = mlerp_rescale(out, target)
     source = None
     if src_flat is not None:  # membership adds up
@@ -330,7 +331,8 @@ def _bipartite_rows(b: int, n: int, p: int, r: int, x: torch.Tensor) -> tuple[to
     arange costs as much as one); built afresh while tracing (export, compile), where they become
     graph constants."""
     key = (b, n, p, r, x.device)
-    eager = type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    eager = type(x) is torch.Tensor and not tracing
     rows = _ROWS.get(key) if eager else None
     if rows is None:
         with torch.inference_mode(False):  # plain tensors: usable under autograd too

@@ -51,7 +51,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) ->
 
     best, partner = scores.max(dim=-1)  # each A token's most similar B token
     order = best.argsort(dim=-1, descending=True, stable=True)  # rank -> A index
-    return Decision(dst=None, n_out=n - r, match=Bipartite(order=order, partner=partner, r=r, protected=protected))
+    match = Bipartite(order=order, partner=partner, r=r, protected=protected)
+    return Decision(dst=None, n_out=n - r, match=match)
 
 
 class ToMe(ReductionMethod):
