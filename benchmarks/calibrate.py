@@ -42,7 +42,8 @@ def main() -> int:
     t0 = time.perf_counter()
     res = cal.calibrate("deit_tiny_patch16_224", cal.Budget("flops", args.flops), images=train,
                         n_images=args.n_images, weights=weights,
-                        methods=args.method.split(",") if args.method else None, search_evals=args.search_evals)
+                        methods=args.method.split(",") if args.method else None,
+                        search_evals=args.search_evals)
     secs = time.perf_counter() - t0
     c = res.chosen
     print(f"calibration: {len(res.candidates)} candidates on {res.n_images} train images in {secs:.0f} s")
@@ -65,7 +66,8 @@ def main() -> int:
         tomectl.apply(model, method, per_layer=removed)
         cmp = compare(ref, predict(model, x), labels)
         rows.append((name, cal._space_for(model, [method], {}).gmacs(method, removed), cmp))
-    print(f"\nall {len(x)} shared val images, squash resize; budget {args.flops} x {res.base_gmacs:.3f} GMACs")
+    print(f"\nall {len(x)} shared val images, squash resize; "
+          f"budget {args.flops} x {res.base_gmacs:.3f} GMACs")
     print(f"{'schedule':34s} {'GMACs':>6} {'ratio':>6} {'agree':>6} {'95% CI':>13} {'KL':>6} {'top-1':>6}")
     for name, g, cmp in rows:
         lo, hi = cmp.agreement_ci95

@@ -100,7 +100,8 @@ def patchmerger_schedule(model, layer: int, target: float) -> list[int]:
         if g <= target and (best is None or g > best[0]):
             best = (g, removed)
     if best is None:
-        raise SystemExit(f"PatchMerger at block {layer} cannot reach {target:.3f} GMACs; use an earlier --pm-layer")
+        raise SystemExit(f"PatchMerger at block {layer} cannot reach {target:.3f} GMACs; "
+                         "use an earlier --pm-layer")
     return best[1]
 
 
@@ -167,7 +168,8 @@ def main() -> int:
             schedule, label = Schedule(r=R), f"r={R}"
         elif method == "patchmerger":
             removed = patchmerger_schedule(model, args.pm_layer, target)
-            schedule, label = Schedule(per_layer=tuple(removed)), f"M={196 - removed[args.pm_layer]} at block {args.pm_layer}"
+            schedule, label = (Schedule(per_layer=tuple(removed)),
+                               f"M={196 - removed[args.pm_layer]} at block {args.pm_layer}")
         else:
             removed = keep_schedule_at_most(model, "ltm", target)
             schedule, label = Schedule(per_layer=tuple(removed)), "keep (matched)"
@@ -245,8 +247,8 @@ def _paired(logits, ref, tome_right) -> tuple[int, int, float]:
 
 def _row(method, label, removed, g, base, c, train_s, res) -> dict:
     return {"method": method, "schedule": label, "removed_per_layer": list(removed), "gmacs": g,
-            "ratio": g / base, "top1": c.top1, "agreement": c.agreement, "agreement_ci95": list(c.agreement_ci95),
-            "kl": c.kl, "train_s": train_s,
+            "ratio": g / base, "top1": c.top1, "agreement": c.agreement,
+            "agreement_ci95": list(c.agreement_ci95), "kl": c.kl, "train_s": train_s,
             "trainable_params": None if res is None else res.trainable_params}
 
 
@@ -267,9 +269,10 @@ def render(rows, paired, curves, n, base, args) -> str:
         pr = "-" if p is None else f"{p[0]} / {p[1]} (p={p[2]:.2f})"
         t = "-" if r["train_s"] is None else f"{r['train_s'] / 60:.1f} min"
         prm = "-" if r["trainable_params"] is None else f"{r['trainable_params']:,}"
-        lines.append(f"| {r['method']} | {r['schedule']} | {r['gmacs']:.3f} | {r['gmacs'] / tome['gmacs'] - 1:+.1%} | "
-                     f"{r['top1']:.1%} | {r['agreement']:.2%} [{lo:.1%}, {hi:.1%}] | {r['kl']:.4f} | {pr} | {t} | "
-                     f"{prm} |")
+        lines.append(f"| {r['method']} | {r['schedule']} | {r['gmacs']:.3f} | "
+                     f"{r['gmacs'] / tome['gmacs'] - 1:+.1%} | "
+                     f"{r['top1']:.1%} | {r['agreement']:.2%} [{lo:.1%}, {hi:.1%}] | "
+                     f"{r['kl']:.4f} | {pr} | {t} | {prm} |")
     lines += ["", "Agreement on the val images per epoch (epoch 0: before training):", ""]
     for m, cv in curves.items():
         first = "-" if not cv["initial"] else f"{cv['initial']['agreement']:.2%}"
@@ -282,7 +285,8 @@ def render(rows, paired, curves, n, base, args) -> str:
         lines += ["", f"Goal: DTEM r={R} {dtem['agreement']:.2%} vs ToMe r={R} {tome['agreement']:.2%} "
                   f"({'higher' if ok else 'NOT higher'}), GMACs {dtem['gmacs'] / tome['gmacs'] - 1:+.1%} "
                   f"({'within' if within else 'NOT within'} 1 %)"
-                  + ("" if matched is None else f"; at matched GMACs ({matched['gmacs'] / tome['gmacs'] - 1:+.1%}) "
+                  + ("" if matched is None else
+                     f"; at matched GMACs ({matched['gmacs'] / tome['gmacs'] - 1:+.1%}) "
                      f"DTEM {matched['agreement']:.2%}") + "."]
     return "\n".join(lines) + "\n"
 

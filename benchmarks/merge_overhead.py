@@ -150,10 +150,11 @@ def main() -> None:
             verdict = "PASS" if res["share"] < GOAL else "FAIL"
             ok &= res["share"] < GOAL
             print(f"{args.model} r={args.r} batch {batch}, {threads} thread(s): merge step = "
-                  f"{res['share']:.1%} of block time (min {res['share_min']:.1%}, max {res['share_max']:.1%})  "
+                  f"{res['share']:.1%} of block time "
+                  f"(min {res['share_min']:.1%}, max {res['share_max']:.1%})  "
                   f"goal < {GOAL:.0%}: {verdict}")
-            print(f"  mean block {res['block_ms']:.2f} ms (merge step {res['merge_ms']:.2f} ms of it) vs unreduced "
-                  f"block {res['plain_block_ms']:.2f} ms in the same passes")
+            print(f"  mean block {res['block_ms']:.2f} ms (merge step {res['merge_ms']:.2f} ms of it) "
+                  f"vs unreduced block {res['plain_block_ms']:.2f} ms in the same passes")
             print("  per layer: " + " ".join(f"{s:.1%}" for s in res["layers"]), flush=True)
             if args.profile:
                 profile(args.model, args.r, batch)

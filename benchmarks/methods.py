@@ -202,7 +202,8 @@ def plot(rows: list[dict], path: Path) -> None:
         axes[1].plot(xs, [r["kl"] for r in rs], marker="o", label=method)
     for r in rows:
         if r["method"].endswith("(calibrated)"):
-            axes[0].plot([r["ratio"] * 100], [r["agreement"] * 100], marker="*", ms=12, ls="", label=r["method"])
+            axes[0].plot([r["ratio"] * 100], [r["agreement"] * 100], marker="*", ms=12, ls="",
+                         label=r["method"])
             axes[1].plot([r["ratio"] * 100], [r["kl"]], marker="*", ms=12, ls="", label=r["method"])
     axes[0].set_ylabel("agreement with unreduced (%)")
     axes[1].set_ylabel("mean KL(unreduced || reduced)")
@@ -226,7 +227,8 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calibrated", action="store_true",
-                    help=f"also each method calibrated (tomectl calibrate) to {GOAL_TARGET:.0%} on train images")
+                    help=f"also each method calibrated (tomectl calibrate) to {GOAL_TARGET:.0%} "
+                         "on train images")
     ap.add_argument("--calib-images", type=int, default=256)
     ap.add_argument("--out", default="benchmarks/results/methods")
     args = ap.parse_args()
@@ -300,7 +302,8 @@ def main() -> int:
             if options or not prop_attn:
                 continue  # calibrate builds methods with their defaults
             t0 = time.perf_counter()
-            cal = calibrate(MODEL, Budget("flops", GOAL_TARGET), images=SHARED / "data" / "imagenet-train-1000",
+            cal = calibrate(MODEL, Budget("flops", GOAL_TARGET),
+                            images=SHARED / "data" / "imagenet-train-1000",
                             n_images=args.calib_images, methods=[method], weights=weights)
             removed = list(cal.chosen.removed)
             tomectl.remove(model)

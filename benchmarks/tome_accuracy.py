@@ -75,7 +75,8 @@ def main() -> int:
     base = rows[0]
     for row in rows:
         lo, hi = row["agreement_ci95"]
-        print(f"{row['r']:>3} {row['gmacs']:6.3f} {row['gmacs_measured']:6.3f} {row['gmacs'] / base['gmacs']:6.3f} "
+        print(f"{row['r']:>3} {row['gmacs']:6.3f} {row['gmacs_measured']:6.3f} "
+              f"{row['gmacs'] / base['gmacs']:6.3f} "
               f"{row['top1']:6.1%} {row['top5']:6.1%} {row['agreement']:6.1%} {lo:6.1%}-{hi:6.1%} "
               f"{row['flips_right_to_wrong']:>5} {row['flips_wrong_to_right']:>5} {row['kl']:6.3f}")
     if args.json:

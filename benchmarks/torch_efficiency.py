@@ -61,8 +61,10 @@ def main() -> None:
         if goal is not None:
             verdict = f"  goal >= {goal}: " + ("PASS" if row.efficiency >= goal else "FAIL")
         ok &= goal is None or row.efficiency >= goal
-        print(f"{row.backend:6s} batch {row.batch}, {row.threads} thread(s): p50 r=0 {base.latency.p50:.2f} ms, "
-              f"r={args.r} {row.latency.p50:.2f} ms -> speedup {row.speedup:.3f}x for {row.flops_ratio:.3f}x fewer "
+        print(f"{row.backend:6s} batch {row.batch}, {row.threads} thread(s): "
+              f"p50 r=0 {base.latency.p50:.2f} ms, "
+              f"r={args.r} {row.latency.p50:.2f} ms -> speedup {row.speedup:.3f}x "
+              f"for {row.flops_ratio:.3f}x fewer "
               f"GMACs -> efficiency {row.efficiency:.3f}{verdict}   (spread (p90-p10)/p50: r=0 "
               f"{base.latency.spread:.0%}, r={args.r} {row.latency.spread:.0%})")
     load = doc["provenance"]["load_average"]

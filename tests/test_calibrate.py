@@ -44,8 +44,10 @@ def test_family_candidates_fit_and_sit_at_the_budget():
                 assert space.gmacs("tome", space.clamp("tome", trial)) > target
 
 
-@pytest.mark.parametrize("flops,match", [(0.05, "tighter than the strongest.*nearest feasible budget: --flops 0.139"),
-                                         (1.2, "looser than the unreduced")])
+@pytest.mark.parametrize("flops,match", [
+    (0.05, "tighter than the strongest.*nearest feasible budget: --flops 0.139"),
+    (1.2, "looser than the unreduced"),
+])
 def test_infeasible_flops_budgets_name_the_nearest_feasible(flops, match):
     space = _space()
     with pytest.raises(UserError, match=match):
@@ -75,7 +77,8 @@ def test_latency_search_hits_the_budget_with_few_measurements():
         assert chosen.latency_ms <= target
         assert chosen.latency_ms >= 0.95 * target  # within 5 % of the budget
     with pytest.raises(UserError, match="tighter than the strongest.*--speedup"):
-        cal.search_latency(space, "deit_tiny_patch16_224", "tome", cal.Budget("speedup", 20.0), measure=fake_measure)
+        cal.search_latency(space, "deit_tiny_patch16_224", "tome", cal.Budget("speedup", 20.0),
+                           measure=fake_measure)
     with pytest.raises(UserError, match="looser than the unreduced"):
         cal.search_latency(space, "deit_tiny_patch16_224", "tome", cal.Budget("latency_ms", base + 1),
                            measure=fake_measure)
@@ -87,8 +90,8 @@ def test_flops_calibration_is_deterministic_and_fits(tiny_weights, train_dir, tm
     for k in range(2):
         out = tmp_path / f"c{k}"
         code = main(["calibrate", "deit_tiny_patch16_224", "--flops", "0.6", "--images", str(train_dir),
-                     "--n-images", "24", "--method", "tome", "--search-evals", "4", "--weights", str(tiny_weights),
-                     "--out", str(out), "--json"])
+                     "--n-images", "24", "--method", "tome", "--search-evals", "4",
+                     "--weights", str(tiny_weights), "--out", str(out), "--json"])
         assert code == 0
         outs.append(json.loads(capsys.readouterr().out))
         for f in ("recipe.yaml", "summary.json", "calibration.json", "calibration.md", "frontier.png"):
@@ -104,10 +107,10 @@ def test_flops_calibration_is_deterministic_and_fits(tiny_weights, train_dir, tm
 
 def test_cli_refusals_are_one_line(tmp_path, capsys):
     cases = [
-        (["calibrate", "deit_tiny_patch16_224", "--flops", "0.6", "--random-weights", "--out", str(tmp_path / "a")],
-         "pass --images"),
-        (["calibrate", "deit_tiny_patch16_224", "--speedup", "2", "--backend", "trt", "--out", str(tmp_path / "b")],
-         "GPU"),
+        (["calibrate", "deit_tiny_patch16_224", "--flops", "0.6", "--random-weights",
+          "--out", str(tmp_path / "a")], "pass --images"),
+        (["calibrate", "deit_tiny_patch16_224", "--speedup", "2", "--backend", "trt",
+          "--out", str(tmp_path / "b")], "GPU"),
         (["calibrate", "deit_tiny_patch16_224", "--flops", "0.01", "--random-weights", "--images", "x",
           "--out", str(tmp_path / "c")], ""),
         (["calibrate", "deit_tiny_patch16_224", "--out", str(tmp_path / "d")], "exactly one budget"),

@@ -45,13 +45,15 @@ def test_inspect_table(capsys):
 @pytest.mark.parametrize("args,match", [
     (["inspect", "resnet50"], "not a ViT"),
     (["inspect", "deit_smal_patch16_224"], "did you mean"),
-    (["inspect", "deit_tiny_patch16_224", "--per-layer", "99,0,0,0,0,0,0,0,0,0,0,0"], "layer 0 would remove 99"),
+    (["inspect", "deit_tiny_patch16_224", "--per-layer", "99,0,0,0,0,0,0,0,0,0,0,0"],
+     "layer 0 would remove 99"),
     (["inspect", "deit_tiny_patch16_224", "--r", "8", "--keep", "0.5"], "exactly one of"),
     (["inspect", "deit_tiny_patch16_224", "--per-layer", "1,x"], "comma-separated"),
     (["inspect", "deit_tiny_patch16_224", "--method", "magic"], "unknown method"),
     (["inspect", "deit_tiny_patch16_224", "--formulation", "fast"], "formulation"),
     (["inspect", "swin_tiny_patch4_window7_224"], "not a ViT"),
-    (["compress", "deit_tiny_patch16_224", "--r", "8", "--out", "OUT", "--weights", "/no/such.pth"], "does not exist"),
+    (["compress", "deit_tiny_patch16_224", "--r", "8", "--out", "OUT", "--weights", "/no/such.pth"],
+     "does not exist"),
     (["compress", "--recipe", "/no/such.yaml", "--out", "OUT"], "does not exist"),
     (["compress", "--out", "OUT"], "name a model"),
     (["inspect", "deit_tiny_patch16_224", "--r", "abc"], "Invalid value"),
@@ -77,5 +79,6 @@ def test_existing_output_is_kept_without_force(tmp_path, capsys):
 def test_console_script_and_module_entry_points():
     r = subprocess.run([sys.executable, "-m", "tomectl", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "compress" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "tomectl", "inspect", "resnet50"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "tomectl", "inspect", "resnet50"],
+                       capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr

@@ -290,7 +290,8 @@ def test_model_families_export_with_parity(tmp_path, name, r, batch, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["onnx"]["max_abs_diff"] <= ATOL and doc["onnx"]["top1_agreement"] == 1.0
     assert doc["onnx"]["input_shape"][0] == batch and doc["gmacs"] < 0.7 * doc["gmacs_base"]
-    assert doc["formulation"] == "onehot" and not {"ScatterElements", "ScatterND"} & set(doc["onnx"]["op_counts"])
+    assert (doc["formulation"] == "onehot"
+            and not {"ScatterElements", "ScatterND"} & set(doc["onnx"]["op_counts"]))
 
 
 @pytest.mark.slow

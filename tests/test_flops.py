@@ -24,7 +24,8 @@ def test_unreduced_deit_small_is_4_6_gmacs():
 
 
 @pytest.mark.parametrize("schedule,formulation", [
-    ({"r": 13}, "scatter"), ({"r": 13}, "onehot"), ({"r": 8, "inflect": -1.0}, "scatter"), ({"keep": 0.3}, "scatter"),
+    ({"r": 13}, "scatter"), ({"r": 13}, "onehot"),
+    ({"r": 8, "inflect": -1.0}, "scatter"), ({"keep": 0.3}, "scatter"),
 ])
 def test_analytic_matches_measured_within_1_percent(schedule, formulation):
     model = timm.create_model("deit_tiny_distilled_patch16_224").eval()

@@ -33,10 +33,13 @@ def test_recipes_folder_is_not_empty():
     ({"model": "deit_tiny_patch16_224"}, "missing 'schedule'"),
     ({"schedule": {"r": 8}}, "'model' must name"),
     ({"model": "deit_tiny_patch16_224", "schedule": {"r": "x"}}, "r must be a whole number"),
-    ({"model": "deit_tiny_patch16_224", "schedule": {"r": 8}, "options": {"speed": 1}}, "unknown option 'speed'"),
+    ({"model": "deit_tiny_patch16_224", "schedule": {"r": 8}, "options": {"speed": 1}},
+     "unknown option 'speed'"),
     ({"model": "deit_tiny_patch16_224", "schedule": {"r": 8}, "options": {"prop_attn": "yes"}}, "prop_attn"),
-    ({"model": "deit_tiny_patch16_224", "schedule": {"r": 8}, "options": {"formulation": "fast"}}, "formulation"),
-    ({"model": "deit_tiny_patch16_224", "schedule": {"r": 8}, "weights": {"source": "ftp"}}, "weights.source"),
+    ({"model": "deit_tiny_patch16_224", "schedule": {"r": 8}, "options": {"formulation": "fast"}},
+     "formulation"),
+    ({"model": "deit_tiny_patch16_224", "schedule": {"r": 8}, "weights": {"source": "ftp"}},
+     "weights.source"),
     ([1, 2], "must be a YAML mapping"),
 ])
 def test_bad_recipes_name_the_key(doc, match, tmp_path):

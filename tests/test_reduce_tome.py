@@ -104,7 +104,8 @@ def test_proportional_attention_bias_is_log_size():
     assert TokenState(protected=1).attn_bias() is None
 
 
-@pytest.mark.parametrize("protected,n_free,r", [(0, 196, 13), (1, 196, 13), (1, 9, 4), (5, 2, 1), (1, 197, 98)])
+@pytest.mark.parametrize("protected,n_free,r",
+                         [(0, 196, 13), (1, 196, 13), (1, 9, 4), (5, 2, 1), (1, 197, 98)])
 @pytest.mark.parametrize("sized", [False, True])
 @pytest.mark.parametrize("variant", ["average", "drop", "max", "mean"])
 def test_bipartite_gather_path_equals_the_slot_form(protected, n_free, r, sized, variant):

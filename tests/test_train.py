@@ -64,7 +64,8 @@ def test_relaxed_matching_conserves_mass_and_moves_about_r():
     metric = torch.randn(b, n, 16)
     dec = relaxed_matching(metric, r, protected, None, layer=0)
     assert dec.n_out == n and dec.mix.shape == (b, n, n)
-    assert torch.allclose(dec.mix.sum(dim=1), torch.ones(b, n), atol=1e-5)  # every token's mass goes somewhere
+    # every token's mass goes somewhere
+    assert torch.allclose(dec.mix.sum(dim=1), torch.ones(b, n), atol=1e-5)
     x = torch.randn(b, n, 8)
     out, state = apply_decision(dec, x, TokenState(protected=protected))
     assert torch.allclose(state.size.sum(dim=(1, 2)), torch.full((b,), float(n)), atol=1e-4)
@@ -140,8 +141,8 @@ def test_reapplying_keeps_learned_modules_only_for_the_same_method_and_shapes():
 
 def test_dtem_training_needs_proportional_attention(tmp_path):
     with pytest.raises(UserError, match="proportional attention"):
-        train_mod.train(Recipe(TINY, Schedule.make(r=4), method="dtem", prop_attn=False), tmp_path, tmp_path / "o",
-                        random_weights=True)
+        train_mod.train(Recipe(TINY, Schedule.make(r=4), method="dtem", prop_attn=False), tmp_path,
+                        tmp_path / "o", random_weights=True)
 
 
 def test_learned_methods_without_training_are_refused_where_meaningless(tmp_path):
@@ -158,7 +159,8 @@ def test_learned_methods_without_training_are_refused_where_meaningless(tmp_path
 # Training
 
 
-@pytest.mark.parametrize("method,schedule", [("dtem", {"r": 4}), ("patchmerger", {"per_layer": [0, 0, 10, 0]})])
+@pytest.mark.parametrize("method,schedule",
+                         [("dtem", {"r": 4}), ("patchmerger", {"per_layer": [0, 0, 10, 0]})])
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(method, schedule):
     m = _small(1)
     tomectl.apply(m, method, **schedule)
@@ -191,7 +193,8 @@ def _train(images, out, tiny_weights, epochs=2, progress=None, resume=False, **k
 
 
 @pytest.mark.slow
-def test_interrupt_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(train_dir, tiny_weights, tmp_path):
+def test_interrupt_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(train_dir, tiny_weights,
+                                                                              tmp_path):
     images = _image_folder(train_dir, 6, tmp_path / "imgs")
     full = _train(images, tmp_path / "full", tiny_weights)
     assert [e.epoch for e in full.epochs] == [1, 2]
@@ -215,15 +218,16 @@ def test_interrupt_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tr
 
     from safetensors.torch import load_file
 
-    a, b = load_file(str(tmp_path / "full" / "learned.safetensors")), load_file(str(out / "learned.safetensors"))
+    a, b = (load_file(str(tmp_path / "full" / "learned.safetensors")),
+            load_file(str(out / "learned.safetensors")))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
 @pytest.mark.slow
-def test_interrupt_during_validation_keeps_the_epoch_and_resume_checks_the_run(train_dir, val_dir, tiny_weights,
-                                                                              tmp_path):
+def test_interrupt_during_validation_keeps_the_epoch_and_resume_checks_the_run(train_dir, val_dir,
+                                                                               tiny_weights, tmp_path):
     images = _image_folder(train_dir, 4, tmp_path / "imgs")
 
     def interrupt_at_val(event, info):
@@ -265,15 +269,15 @@ def test_trained_artifact_reloads_evaluates_and_exports(train_dir, val_dir, tiny
     recipe = read(out)[0]
     assert Path(recipe.learned["path"]).is_absolute() and recipe.learned["sha256"]
 
-    rc = main(["eval", str(out), "--data", str(val_dir), "--resize", "squash", "--limit", "8", "--workers", "0",
-               "--json"])
+    rc = main(["eval", str(out), "--data", str(val_dir), "--resize", "squash", "--limit", "8",
+               "--workers", "0", "--json"])
     assert rc == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["comparison"]["n"] == 8
 
     onnx_path = tmp_path / "dtem.onnx"
-    rc = main(["export", str(out), "--onnx", str(onnx_path), "--calib-images", str(val_dir), "--check-images", "8",
-               "--no-simplify", "--json"])
+    rc = main(["export", str(out), "--onnx", str(onnx_path), "--calib-images", str(val_dir),
+               "--check-images", "8", "--no-simplify", "--json"])
     assert rc == 0, capsys.readouterr()
     exp = json.loads(capsys.readouterr().out)
     assert onnx_path.is_file() and exp["onnx"]["max_abs_diff"] < 1e-3 or exp["onnx"]["near_ties"] > 0

@@ -163,7 +163,8 @@ def load_learned(model, path: str | Path, sha256: str | None = None) -> None:
     shapes = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
         what = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
-                else f"{shapes[0]} has shape {tuple(sd[shapes[0]].shape)}, needs {tuple(own[shapes[0]].shape)}")
+                else f"{shapes[0]} has shape {tuple(sd[shapes[0]].shape)}, "
+                     f"needs {tuple(own[shapes[0]].shape)}")
         raise UserError(f"learned parameters {path.name} do not fit this model and schedule ({what}); "
                         "were they trained for another model, method or schedule?")
     modules.load_state_dict(sd, strict=True)

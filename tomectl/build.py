@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 from torch import nn
 
 from . import models
-from .artifact import load_learned
 from .adapters import adapter_for
+from .artifact import load_learned
 from .errors import UserError
 from .flops import MacsReport, analytic_macs
 from .recipe import Recipe, check_formulation, check_method, check_method_options

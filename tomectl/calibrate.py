@@ -81,7 +81,8 @@ class Budget:
                                    ("speedup", speedup)) if v is not None}
         if len(given) != 1:
             names = ", ".join(f"--{k.replace('_', '-')}" for k in given) or "none"
-            raise UserError(f"give exactly one budget: --flops, --gmacs, --latency-ms or --speedup (got {names})")
+            raise UserError("give exactly one budget: --flops, --gmacs, --latency-ms or --speedup "
+                            f"(got {names})")
         kind, value = next(iter(given.items()))
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise UserError(f"--{kind.replace('_', '-')} must be a number, got {value!r}")
@@ -191,7 +192,8 @@ def families(space: Space, method: str) -> list[tuple[str, Callable[[int], tuple
     if len(acting) == n and n >= 8:
         for skip in (1, 2, 4):
             late = [i for i in acting if i >= skip]
-            out.append((f"late {skip}", lambda r, late=late: space.clamp(method, _spread(r * len(late), late, n))))
+            out.append((f"late {skip}",
+                        lambda r, late=late: space.clamp(method, _spread(r * len(late), late, n))))
     return out
 
 
@@ -210,7 +212,8 @@ def _weakest_fitting(f: Callable[[int], tuple[int, ...]], fits: Callable[[tuple[
     return lo
 
 
-def relax(space: Space, method: str, removed: Sequence[int], fits: Callable[[tuple[int, ...]], bool]) -> tuple[int, ...]:
+def relax(space: Space, method: str, removed: Sequence[int],
+          fits: Callable[[tuple[int, ...]], bool]) -> tuple[int, ...]:
     """Give removals back, earliest block first, while the schedule still fits the budget."""
     cur = list(removed)
     changed = True
@@ -244,7 +247,8 @@ def family_candidates(space: Space, method: str, fits) -> list[Candidate]:
     return out
 
 
-def mutate(space: Space, method: str, removed: Sequence[int], rng: random.Random, fits) -> Optional[tuple[int, ...]]:
+def mutate(space: Space, method: str, removed: Sequence[int], rng: random.Random,
+           fits) -> Optional[tuple[int, ...]]:
     """Move 1-4 removals from one acting block to another, re-clamp and relax to the budget."""
     acting = space.acting_layers(method)
     if len(acting) < 2:
@@ -380,7 +384,8 @@ def _check_methods(methods: Optional[Sequence[str]]) -> list[str]:
         return available
     bad = [m for m in methods if m not in available]
     if bad:
-        raise UserError(f"--method {bad[0]!r} is not a training-free method; available: {', '.join(available)}")
+        raise UserError(f"--method {bad[0]!r} is not a training-free method; "
+                        f"available: {', '.join(available)}")
     return list(dict.fromkeys(methods))
 
 
@@ -390,7 +395,8 @@ def _check_flops_feasible(space: Space, target: float, budget: Budget) -> None:
         nearest = 0.99 if budget.kind == "flops" else round(space.base_gmacs * 0.99, 3)
         flag = "--flops" if budget.kind == "flops" else "--gmacs"
         raise UserError(
-            f"the budget ({budget.describe()}) is looser than the unreduced model ({space.base_gmacs:.3f} GMACs): "
+            f"the budget ({budget.describe()}) is looser than the unreduced model "
+            f"({space.base_gmacs:.3f} GMACs): "
             f"nothing to reduce; nearest feasible budget: {flag} {nearest:g}"
         )
     if target < strongest:
@@ -484,8 +490,8 @@ def _measure(recipe: Recipe, budget: Budget, threads: Optional[int]):
     return measure_latency(recipe, budget.backend, budget.batch, threads=threads, random_weights=True)
 
 
-def search_latency(space: Space, model_name: str, method: str, budget: Budget, *, threads: Optional[int] = None,
-                   progress: Optional[ProgressFn] = None, measure=None):
+def search_latency(space: Space, model_name: str, method: str, budget: Budget, *,
+                   threads: Optional[int] = None, progress: Optional[ProgressFn] = None, measure=None):
     """Constant-r strength meeting a latency budget: bracketed interpolation on GMACs, <= 8 measurements.
 
     Returns (candidates measured, index of the chosen one, base latency ms). Raises UserError for an
@@ -532,7 +538,8 @@ def search_latency(space: Space, model_name: str, method: str, budget: Budget, *
             g_lo, g_hi = space.gmacs(method, f(lo)), space.gmacs(method, f(hi))
             t_lo, t_hi = cache[lo][0], cache[hi][0]
             # interpolate the GMACs where latency meets the target, then the r with those GMACs
-            g_goal = g_hi + (target - t_hi) * (g_lo - g_hi) / (t_lo - t_hi) if t_lo != t_hi else (g_lo + g_hi) / 2
+            g_goal = (g_hi + (target - t_hi) * (g_lo - g_hi) / (t_lo - t_hi) if t_lo != t_hi
+                      else (g_lo + g_hi) / 2)
             mid = next((r for r in range(lo + 1, hi) if space.gmacs(method, f(r)) <= g_goal), hi - 1)
             mid = min(max(mid, lo + 1), hi - 1)
             if lat(mid) <= target:
@@ -602,7 +609,8 @@ def calibrate(
         chosen = cands[idx]
         target_lat = budget.value if budget.kind == "latency_ms" else base_latency / budget.value
         if scorer is not None:
-            more = search_flops(space, scorer, chosen.gmacs, search_evals=search_evals, seed=seed, progress=progress)
+            more = search_flops(space, scorer, chosen.gmacs, search_evals=search_evals, seed=seed,
+                                progress=progress)
             best = min((c for c in more if c.scored), key=Candidate.rank_key, default=None)
             scorer.score(chosen)
             if best is not None and best.removed != chosen.removed and best.rank_key() < chosen.rank_key() \
@@ -614,8 +622,8 @@ def calibrate(
                 if stats.p50 <= target_lat:
                     chosen = best
                 else:
-                    notes.append(f"the best-scoring schedule at {best.gmacs:.3f} GMACs measured {stats.p50:.2f} ms, "
-                                 f"over the budget: kept constant r")
+                    notes.append(f"the best-scoring schedule at {best.gmacs:.3f} GMACs "
+                                 f"measured {stats.p50:.2f} ms, over the budget: kept constant r")
             cands.extend(c for c in more if c not in cands)
         else:
             notes.append("no --images: chose by latency alone (constant r), without accuracy scoring")
@@ -669,16 +677,20 @@ def markdown(result: CalibrationResult, n_tokens: int) -> str:
         f"- latency measurements: {result.latency_measurements}" if result.budget.is_latency else "",
         f"- time: {result.seconds:.1f} s",
         "",
-        "| | method | schedule | removed per layer | final tokens | GMACs | latency ms | images | agreement | KL | top-1 |",
+        "| | method | schedule | removed per layer | final tokens | GMACs | latency ms | images "
+        "| agreement | KL | top-1 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     def fmt(v, f):
         return "" if v is None else format(v, f)
 
-    for c in sorted(result.candidates, key=lambda c: (not c.chosen, c.kl if c.kl is not None else 9e9, c.gmacs)):
+    for c in sorted(result.candidates,
+                    key=lambda c: (not c.chosen, c.kl if c.kl is not None else 9e9, c.gmacs)):
         lines.append(
-            f"| {'**chosen**' if c.chosen else ''} | {c.method} | {c.family} | {' '.join(map(str, c.removed))} | "
-            f"{token_counts(c.removed, n_tokens)[-1]} | {c.gmacs:.3f} | {fmt(c.latency_ms, '.2f')} | {c.n_scored or ''} | "
+            f"| {'**chosen**' if c.chosen else ''} | {c.method} | {c.family} | "
+            f"{' '.join(map(str, c.removed))} | "
+            f"{token_counts(c.removed, n_tokens)[-1]} | {c.gmacs:.3f} | {fmt(c.latency_ms, '.2f')} | "
+            f"{c.n_scored or ''} | "
             f"{fmt(c.agreement, '.1%')} | {fmt(c.kl, '.4f')} | {fmt(c.top1, '.1%')} |"
         )
     for n in result.notes:
@@ -701,7 +713,8 @@ def plot_frontier(result: CalibrationResult, path: Path) -> None:
         for method in sorted({c.method for c in scored}):
             pts = [c for c in scored if c.method == method]
             ax.scatter([xs_of(c) for c in pts if xs_of(c) is not None],
-                       [100 * c.agreement for c in pts if xs_of(c) is not None], label=method, s=22, alpha=0.8)
+                       [100 * c.agreement for c in pts if xs_of(c) is not None],
+                       label=method, s=22, alpha=0.8)
         ax.set_ylabel("top-1 agreement with unreduced (%)")
     else:
         pts = [c for c in result.candidates if c.latency_ms is not None]
@@ -710,7 +723,8 @@ def plot_frontier(result: CalibrationResult, path: Path) -> None:
         use_latency = False
     c = result.chosen
     if scored and c.agreement is not None and xs_of(c) is not None:
-        ax.scatter([xs_of(c)], [100 * c.agreement], marker="*", s=220, color="crimson", label="chosen", zorder=5)
+        ax.scatter([xs_of(c)], [100 * c.agreement], marker="*", s=220, color="crimson", label="chosen",
+                   zorder=5)
     budget_x = None
     if result.gmacs_budget and not use_latency:
         budget_x = result.gmacs_budget

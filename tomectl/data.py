@@ -46,7 +46,8 @@ class Sample:
     label: int  # -1: unlabelled
 
 
-def scan(root: str | Path, labels_file: Optional[str | Path] = None, limit: Optional[int] = None) -> list[Sample]:
+def scan(root: str | Path, labels_file: Optional[str | Path] = None,
+         limit: Optional[int] = None) -> list[Sample]:
     """List the images (and labels) of a data source; deterministic order."""
     root = Path(root)
     if labels_file is not None:
@@ -106,7 +107,8 @@ def _scan_labels_file(root: Path, labels_file: Path, limit: Optional[int]) -> li
             try:
                 idx = int(label)
             except ValueError:
-                raise UserError(f"{labels_file}:{n}: label {label!r} is neither a class index nor a wnid") from None
+                raise UserError(f"{labels_file}:{n}: label {label!r} "
+                                "is neither a class index nor a wnid") from None
         p = Path(path)
         samples.append(Sample(str(p if p.is_absolute() else root / p), idx))
     if not samples:

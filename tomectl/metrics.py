@@ -55,7 +55,8 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     return (logits.topk(k, dim=-1).indices == labels[:, None]).any(dim=-1).float().mean().item()
 
 
-def compare(ref_logits: torch.Tensor, logits: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Comparison:
+def compare(ref_logits: torch.Tensor, logits: torch.Tensor,
+            labels: Optional[torch.Tensor] = None) -> Comparison:
     """Agreement, KL, and (for images with a label >= 0) top-1/top-5 and flips."""
     n = ref_logits.shape[0]
     ref_pred, pred = ref_logits.argmax(-1), logits.argmax(-1)

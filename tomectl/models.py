@@ -75,7 +75,8 @@ def check_name(name: str) -> str:
     module = model_entrypoint(arch).__module__
     if module not in VIT_MODULES:
         family = module.rsplit(".", 1)[-1]
-        close = difflib.get_close_matches(arch, [m for m in timm.list_models() if "vit" in m or "deit" in m], n=3)
+        close = difflib.get_close_matches(arch, [m for m in timm.list_models() if "vit" in m or "deit" in m],
+                                          n=3)
         hint = f" (close ViTs: {', '.join(close)})" if close else ""
         raise UserError(
             f"{name} is a timm '{family}' model, not a ViT tomectl can reduce; supported families: "
@@ -195,13 +196,15 @@ def create(
         hub_model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **model_kwargs)
     except Exception as e:
         raise UserError(
-            f"could not get pretrained weights for {name} from the timm hub ({str(e).splitlines()[0][:120]}); "
+            f"could not get pretrained weights for {name} from the timm hub "
+            f"({str(e).splitlines()[0][:120]}); "
             f"pass --weights FILE or --random-weights"
         ) from None
     hub_model.eval()
     cfg = hub_model.pretrained_cfg or {}
     src = cached or cfg.get("hf_hub_id") or cfg.get("url")
-    return LoadedModel(hub_model, name, WeightsInfo("hub", str(src) if src else None, sha256_of(cached) if cached else None))
+    return LoadedModel(hub_model, name,
+                       WeightsInfo("hub", str(src) if src else None, sha256_of(cached) if cached else None))
 
 
 def preprocessing(model: nn.Module) -> dict:

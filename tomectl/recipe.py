@@ -125,7 +125,8 @@ def from_dict(d: Any, where: str = "recipe") -> Recipe:
         if bad:
             raise UserError(f"{where}: unknown weights key {bad[0]!r}; allowed: {', '.join(WEIGHTS_KEYS)}")
         if weights.get("source") not in ("file", "dir", "hub", "random"):
-            raise UserError(f"{where}: weights.source must be file, dir, hub or random, got {weights.get('source')!r}")
+            raise UserError(f"{where}: weights.source must be file, dir, hub or random, "
+                            f"got {weights.get('source')!r}")
         if weights["source"] in ("file", "dir") and not isinstance(weights.get("path"), str):
             raise UserError(f"{where}: weights.path is needed for source {weights['source']}")
     elif weights is not None:
@@ -143,7 +144,8 @@ def from_dict(d: Any, where: str = "recipe") -> Recipe:
     elif learned is not None:
         raise UserError(f"{where}: 'learned' must be a file path or a mapping, got {learned!r}")
     if learned is not None and not METHODS[method].learned:
-        raise UserError(f"{where}: method {method!r} has no learned parameters, but the recipe gives 'learned'")
+        raise UserError(f"{where}: method {method!r} has no learned parameters, "
+                        "but the recipe gives 'learned'")
 
     resolved = {k: d[k] for k in RESOLVED_KEYS if k in d}
     for k in ("removed_per_layer", "tokens_per_layer"):

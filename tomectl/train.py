@@ -79,9 +79,10 @@ class TrainConfig:
 
     def check(self) -> None:
         def positive(name, v, integer=False):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or (integer and not isinstance(v, int)):
-                raise UserError(f"--{name.replace('_', '-')} must be a {'whole ' if integer else ''}number > 0, "
-                                f"got {v!r}")
+            if (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0
+                    or (integer and not isinstance(v, int))):
+                raise UserError(f"--{name.replace('_', '-')} must be a "
+                                f"{'whole ' if integer else ''}number > 0, got {v!r}")
 
         positive("epochs", self.epochs, True)
         positive("batch_size", self.batch_size, True)
@@ -307,7 +308,8 @@ def _awaits_data_init(model) -> bool:
     `initialised` buffer that is still false): then one forward pass runs before training."""
     modules = getattr(model, "tomectl_modules", None)
     return modules is not None and any(
-        isinstance(getattr(m, "initialised", None), torch.Tensor) and not bool(m.initialised) for m in modules.modules()
+        isinstance(getattr(m, "initialised", None), torch.Tensor) and not bool(m.initialised)
+        for m in modules.modules()
     )
 
 
@@ -334,7 +336,8 @@ def _set_modes(model, finetune: bool, training: bool) -> None:
             modules.train(training)
 
 
-def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config: Optional[TrainConfig] = None, *,
+def train(recipe: Recipe, images: str | Path, out: Optional[str | Path],
+          config: Optional[TrainConfig] = None, *,
           weights=None, random_weights: bool = False, resume: bool = False, force: bool = False,
           progress: Optional[Callable[[str, dict], None]] = None) -> TrainResult:
     """Train the learned parameters of `recipe`'s method and write the artifact `out`.
@@ -352,11 +355,11 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
     config.check()
     method = get_method(recipe.method, recipe.method_options)
     if not method.learned and not config.finetune:
-        raise UserError(f"method {recipe.method!r} has nothing to learn; use a learned method (dtem, patchmerger, "
-                        "ltm) or --finetune to fine-tune the backbone")
+        raise UserError(f"method {recipe.method!r} has nothing to learn; use a learned method "
+                        "(dtem, patchmerger, ltm) or --finetune to fine-tune the backbone")
     if method.trains_with_prop_attn and not recipe.prop_attn:
-        raise UserError(f"method {recipe.method!r} trains through proportional attention (a merged-away token "
-                        "vanishes by its log-size); drop --no-prop-attn")
+        raise UserError(f"method {recipe.method!r} trains through proportional attention "
+                        "(a merged-away token vanishes by its log-size); drop --no-prop-attn")
     if out is None:
         raise UserError("give --out DIR for the trained artifact")
     out = Path(out)
@@ -379,7 +382,8 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
             p.requires_grad_(False)
     params = _trainable(built, config.finetune)
     if not params:
-        raise UserError("nothing to train: the schedule removes no tokens at any block with learned parameters")
+        raise UserError("nothing to train: the schedule removes no tokens at any block "
+                        "with learned parameters")
 
     samples = data_mod.scan(images, limit=config.limit)
     labelled = all(s.label >= 0 for s in samples)
@@ -402,8 +406,8 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
                                   t_in_epochs=False)
 
     result = TrainResult(out=None, recipe=recipe.to_dict(), config=asdict(config), images=len(samples),
-                         labelled=labelled, trainable_params=sum(p.numel() for p in params), world_size=d.world,
-                         device=str(d.device))
+                         labelled=labelled, trainable_params=sum(p.numel() for p in params),
+                         world_size=d.world, device=str(d.device))
     start_epoch, start_step, elapsed = 0, 0, 0.0
     # what fixes the order and length of every epoch: a resume must see the same
     run_key = {"images": len(samples), "world_size": d.world, "seed": config.seed, "limit": config.limit,
@@ -413,8 +417,10 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
         try:
             ck = torch.load(ckpt_file, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-            raise UserError(f"{ckpt_file} is not a tomectl training checkpoint ({type(e).__name__})") from None
-        same = {k: ck["recipe"].get(k) == result.recipe.get(k) for k in ("model", "method", "schedule", "options")}
+            raise UserError(f"{ckpt_file} is not a tomectl training checkpoint "
+                            f"({type(e).__name__})") from None
+        same = {k: ck["recipe"].get(k) == result.recipe.get(k)
+                for k in ("model", "method", "schedule", "options")}
         if not all(same.values()):
             bad = [k for k, v in same.items() if not v][0]
             raise UserError(f"{ckpt_file} was made with another {bad}; resume with the same command")
@@ -422,7 +428,8 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
         diff = [k for k, v in run_key.items() if k in old and old[k] != v]
         if diff:
             k = diff[0]
-            raise UserError(f"{ckpt_file} was made with {k.replace('_', ' ')} {old[k]!r}, this run has {run_key[k]!r}; "
+            raise UserError(f"{ckpt_file} was made with {k.replace('_', ' ')} {old[k]!r}, "
+                            f"this run has {run_key[k]!r}; "
                             "resume with the same images, processes and options")
         (model if config.finetune else model.tomectl_modules).load_state_dict(ck["trainable"])
         optimizer.load_state_dict(ck["optimizer"])
@@ -432,7 +439,8 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
         result.val_initial = ck.get("val_initial")
 
     if not resume and _awaits_data_init(model):  # PatchMerger's queries, before DDP syncs rank 0's state
-        first = data_mod.collate([dataset[i] for i in epoch_indices(len(samples), config.seed, 0, d.rank, d.world)
+        first = data_mod.collate([dataset[i]
+                                  for i in epoch_indices(len(samples), config.seed, 0, d.rank, d.world)
                                   [: config.batch_size]])
         if len(first.images):
             _set_modes(model, config.finetune, True)
@@ -441,7 +449,8 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
     val_ref = val_loader = None
     if config.val and d.main:
         val_samples = data_mod.scan(config.val, limit=config.val_limit)
-        val_loader = data_mod.loader(val_samples, preproc, config.val_resize, batch_size=64, workers=config.workers)
+        val_loader = data_mod.loader(val_samples, preproc, config.val_resize, batch_size=64,
+                                     workers=config.workers)
         from .evaluate import reduction_off
 
         model.eval()
@@ -470,8 +479,8 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
         if not d.main:
             return
         state = {
-            "recipe": result.recipe, "config": asdict(config), "epoch": epoch, "step": step, "seconds": seconds,
-            "partial": partial_epoch if step else None, "run": run_key,
+            "recipe": result.recipe, "config": asdict(config), "epoch": epoch, "step": step,
+            "seconds": seconds, "partial": partial_epoch if step else None, "run": run_key,
             "trainable": (model if config.finetune else model.tomectl_modules).state_dict(),
             "optimizer": optimizer.state_dict(), "log": [asdict(e) for e in result.epochs],
             "val_initial": result.val_initial,
@@ -492,9 +501,11 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
             idx = epoch_indices(len(samples), config.seed, epoch, d.rank, d.world)
             skip = start_step if epoch == start_epoch else 0
             subset = torch.utils.data.Subset(dataset, idx[skip * config.batch_size:])
-            workers = config.workers if config.workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
+            workers = (config.workers if config.workers is not None
+                       else min(4, max(0, (os.cpu_count() or 1) - 1)))
             loader = torch.utils.data.DataLoader(subset, batch_size=config.batch_size, shuffle=False,
-                                                 num_workers=workers, collate_fn=data_mod.collate, drop_last=False)
+                                                 num_workers=workers, collate_fn=data_mod.collate,
+                                                 drop_last=False)
             _set_modes(model, config.finetune, True)
             sums = {"loss": 0.0, "kl": 0.0, "aux": 0.0, "ce": 0.0}
             seen, t_epoch = 0, time.perf_counter()
@@ -510,8 +521,10 @@ def train(recipe: Recipe, images: str | Path, out: Optional[str | Path], config:
                     step += 1
                     continue
                 labels = batch.labels.to(d.device) if labelled and config.ce_weight > 0 else None
-                loss, parts = distillation_loss(model, x, teacher=teacher, labels=labels, ce_weight=config.ce_weight,
-                                                feature_weight=config.feature_weight, student=ddp_model, taps=taps)
+                loss, parts = distillation_loss(model, x, teacher=teacher, labels=labels,
+                                                ce_weight=config.ce_weight,
+                                                feature_weight=config.feature_weight, student=ddp_model,
+                                                taps=taps)
                 kl, aux, ce = parts["kl"], parts["aux"], parts["ce"]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -94,7 +94,8 @@ def check_supported(model) -> None:
                 "tomectl can read keys from"
             )
     if getattr(model, "attn_pool", None) is not None:
-        raise UserError("attention-pooling ('map') heads are not supported yet; use a token or avg pool model")
+        raise UserError("attention-pooling ('map') heads are not supported yet; "
+                        "use a token or avg pool model")
     if model.global_pool not in POOLS:
         raise UserError(
             f"global_pool={model.global_pool!r} is not supported; supported: token, avg"
@@ -151,7 +152,8 @@ def _refuse_masks(attn_mask, is_causal) -> None:
 
 
 def _block_forward(blk, taps: tuple[_KeyTap, _KeyTap], x, state: TokenState, amount: int, method,
-                   plan: ReductionPlan, layer: int = -1, n_layers: int = 0, module: Optional[nn.Module] = None):
+                   plan: ReductionPlan, layer: int = -1, n_layers: int = 0,
+                   module: Optional[nn.Module] = None):
     """timm's Block, with the reduction between the attention and the MLP residuals."""
     bias = state.attn_bias() if plan.prop_attn else None
     h = blk.norm1(x)
@@ -239,9 +241,11 @@ def install(model: nn.Module, plan: ReductionPlan, modules: Optional[nn.ModuleDi
     """
     check_supported(model)
     if len(plan.removed) != len(model.blocks):
-        raise UserError(f"schedule has {len(plan.removed)} layers but the model has {len(model.blocks)} blocks")
+        raise UserError(f"schedule has {len(plan.removed)} layers "
+                        f"but the model has {len(model.blocks)} blocks")
     if plan.formulation not in FORMULATIONS:
-        raise UserError(f"unknown merge formulation {plan.formulation!r}; choose one of {', '.join(FORMULATIONS)}")
+        raise UserError(f"unknown merge formulation {plan.formulation!r}; "
+                        f"choose one of {', '.join(FORMULATIONS)}")
     method = get_method(plan.method, plan.options)
     layers = method.layers(len(model.blocks))
     if layers is not None:

@@ -18,7 +18,8 @@ def _render(res: lib.CalibrationResult, out: Path) -> None:
     t = Table(title=f"tomectl calibrate: {res.model}, {res.budget.describe()}", title_justify="left")
     for col in ("", "method", "schedule", "GMACs", "latency ms", "images", "agreement", "KL"):
         t.add_column(col, justify="left" if col in ("", "method", "schedule") else "right")
-    ranked = sorted(res.candidates, key=lambda c: (not c.chosen, -c.n_scored, c.kl if c.kl is not None else 9e9))
+    ranked = sorted(res.candidates,
+                    key=lambda c: (not c.chosen, -c.n_scored, c.kl if c.kl is not None else 9e9))
     for c in ranked[:12]:
         t.add_row("*" if c.chosen else "", c.method, c.family, f"{c.gmacs:.3f}",
                   "" if c.latency_ms is None else f"{c.latency_ms:.2f}", str(c.n_scored or ""),
@@ -39,17 +40,20 @@ def _render(res: lib.CalibrationResult, out: Path) -> None:
 def calibrate(
     model: str = typer.Argument(..., help="timm model name."),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
-    flops: Optional[float] = typer.Option(None, "--flops", help="Budget: fraction of the unreduced GMACs (e.g. 0.6)."),
+    flops: Optional[float] = typer.Option(None, "--flops",
+                                          help="Budget: fraction of the unreduced GMACs (e.g. 0.6)."),
     gmacs: Optional[float] = typer.Option(None, "--gmacs", help="Budget: GMACs per image."),
     latency_ms: Optional[float] = typer.Option(None, "--latency-ms", help="Budget: latency per batch in ms."),
-    speedup: Optional[float] = typer.Option(None, "--speedup", help="Budget: speedup over the unreduced model."),
+    speedup: Optional[float] = typer.Option(None, "--speedup",
+                                            help="Budget: speedup over the unreduced model."),
     backend: str = typer.Option("torch", "--backend", help="Latency budgets: torch, ort or trt."),
     batch: int = typer.Option(1, "--batch", help="Latency budgets: batch size."),
     precision: str = typer.Option("fp32", "--precision", help="trt backend: fp32 or fp16."),
     images: Optional[Path] = typer.Option(None, "--images", help="Calibration images (unlabelled is fine)."),
     n_images: int = typer.Option(lib.DEFAULT_IMAGES, "--n-images", help="How many calibration images."),
     resize: str = typer.Option("timm", "--resize", help="timm (resize + centre crop) or squash."),
-    method: Optional[str] = typer.Option(None, "--method", "-m", help="Restrict to these methods (comma-separated)."),
+    method: Optional[str] = typer.Option(None, "--method", "-m",
+                                         help="Restrict to these methods (comma-separated)."),
     search_evals: int = typer.Option(10, "--search-evals", help="Per-layer search evaluations."),
     seed: int = typer.Option(0, "--seed", help="Search seed."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads for latency measurements."),
@@ -81,8 +85,8 @@ def calibrate(
             bar.update(tasks[phase], completed=done, total=total)
 
         res = lib.calibrate(model, budget, images=images, n_images=n_images, resize=resize, methods=methods,
-                            weights=weights, random_weights=random_weights, search_evals=search_evals, seed=seed,
-                            threads=threads, progress=progress)
+                            weights=weights, random_weights=random_weights, search_evals=search_evals,
+                            seed=seed, threads=threads, progress=progress)
     recipe = lib.chosen_recipe(res, weights=weights, random_weights=random_weights)
     res.out = str(out)
 

@@ -38,7 +38,8 @@ Method = typer.Option("tome", "--method", "-m", help="Reduction method.")
 R = typer.Option(None, "--r", "--remove",
                  help="Tokens removed per layer (constant schedule, or the ramp's centre with --inflect). "
                       "--remove is the same flag, for torchrun, whose parser takes --r for its own options.")
-Inflect = typer.Option(None, "--inflect", help="Linear ramp around r: first layer r*(1-inflect), last r*(1+inflect).")
+Inflect = typer.Option(None, "--inflect",
+                       help="Linear ramp around r: first layer r*(1-inflect), last r*(1+inflect).")
 PerLayer = typer.Option(None, "--per-layer", help="Explicit per-layer removals, comma-separated.")
 Keep = typer.Option(None, "--keep", help="Fraction of unprotected tokens left after the last layer.")
 PropAttn = typer.Option(True, "--prop-attn/--no-prop-attn", help="Proportional attention (log-size bias).")

@@ -33,13 +33,15 @@ def _render(res: lib.TrainResult) -> None:
         row = [str(e.epoch), f"{e.loss:.4f}", f"{e.kl:.4f}"] + ([f"{e.aux:.4f}"] if aux else []) \
             + (["" if e.ce is None else f"{e.ce:.3f}"] if ce else []) + [f"{e.lr:.1e}", f"{e.img_per_s:.1f}"]
         if val:
-            row += ["" if e.agreement is None else f"{e.agreement:.1%}", "" if e.kl_val is None else f"{e.kl_val:.4f}"]
+            row += ["" if e.agreement is None else f"{e.agreement:.1%}",
+                    "" if e.kl_val is None else f"{e.kl_val:.4f}"]
         t.add_row(*row)
     common.out.print(t)
     common.out.print(
         f"{res.images} images{' (labelled: CE on)' if res.labelled and res.config['ce_weight'] > 0 else ''}, "
         f"{res.trainable_params:,} trainable parameters, {res.world_size} process(es) on {res.device}, "
-        f"{res.seconds:.0f} s; {res.gmacs:.3f} of {res.gmacs_base:.3f} GMACs ({res.gmacs / res.gmacs_base:.1%})"
+        f"{res.seconds:.0f} s; {res.gmacs:.3f} of {res.gmacs_base:.3f} GMACs "
+        f"({res.gmacs / res.gmacs_base:.1%})"
     )
     common.out.print(f"wrote {res.out} (recipe.yaml, learned.safetensors, summary.json, train.json)")
 
@@ -60,15 +62,19 @@ def train(
     batch_size: int = typer.Option(32, "--batch-size", help="Images per step (per process)."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, cosine schedule)."),
     min_lr: float = typer.Option(1e-5, "--min-lr", help="Final learning rate."),
-    weight_decay: float = typer.Option(0.05, "--weight-decay", help="AdamW weight decay (not on biases/norms)."),
+    weight_decay: float = typer.Option(0.05, "--weight-decay",
+                                       help="AdamW weight decay (not on biases/norms)."),
     warmup_epochs: float = typer.Option(1.0, "--warmup-epochs", help="Linear warm-up length."),
     clip_grad: float = typer.Option(1.0, "--clip-grad", help="Gradient norm clip (0: off)."),
-    feature_weight: float = typer.Option(0.0, "--feature-weight", help="Weight of pre-logits feature distillation."),
-    ce_weight: float = typer.Option(0.5, "--ce-weight", help="Weight of cross-entropy where images have labels."),
+    feature_weight: float = typer.Option(0.0, "--feature-weight",
+                                         help="Weight of pre-logits feature distillation."),
+    ce_weight: float = typer.Option(0.5, "--ce-weight",
+                                    help="Weight of cross-entropy where images have labels."),
     augment: str = typer.Option("timm", "--augment", help="timm (training augmentation) or none."),
     finetune: bool = typer.Option(False, "--finetune", help="Unfreeze the backbone (end-to-end)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only this many training images."),
-    val: Optional[Path] = typer.Option(None, "--val", help="Images to measure agreement on after each epoch."),
+    val: Optional[Path] = typer.Option(None, "--val",
+                                       help="Images to measure agreement on after each epoch."),
     val_limit: Optional[int] = typer.Option(None, "--val-limit", help="Use only this many val images."),
     val_resize: str = typer.Option("timm", "--val-resize", help="Val preprocessing: timm or squash."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes."),
@@ -102,7 +108,8 @@ def train(
                 task = bar.add_task("training", total=info["total_steps"], completed=info["done"])
             elif event == "step":
                 bar.update(task, advance=1, description=(
-                    f"epoch {info['epoch'] + 1}/{epochs} loss {info['loss']:.4f} {info['img_per_s']:.1f} img/s"))
+                    f"epoch {info['epoch'] + 1}/{epochs} loss {info['loss']:.4f} "
+                    f"{info['img_per_s']:.1f} img/s"))
             elif event == "val":
                 bar.update(task, description=f"epoch {info['epoch']}/{epochs}: measuring agreement on --val")
             elif event == "epoch":
@@ -115,7 +122,8 @@ def train(
                             resume=resume, force=force, progress=progress)
         except lib.TrainingInterrupted as e:
             bar.stop()
-            common.error(f"interrupted; resumable checkpoint saved to {e.checkpoint} (continue with --resume)")
+            common.error(f"interrupted; resumable checkpoint saved to {e.checkpoint} "
+                         "(continue with --resume)")
             raise typer.Exit(130) from None
     if res.out is None:  # not the main process of a distributed run
         return

@@ -155,7 +155,8 @@ class LTM(ReductionMethod):
         "layers": None,  # blocks (0-based) that may reduce; None: every block (the paper's LTM blocks)
         "dim": None,  # mask-module embedding size; None: the block's head dim
         "tau": 0.02,  # initial temperature of the merging softmax (then learned)
-        "redundancy": 10.0,  # weight of a token's redundancy (similarity to its ToMe partner) against its score
+        # weight of a token's redundancy (similarity to its ToMe partner) against its score
+        "redundancy": 10.0,
         "ib_weight": 0.1,  # weight of the IB bound, shared by the acting blocks (authors' --ib-weight)
         "beta": 10.0,  # IB trade-off: weight of the relevance (distortion) term against the rate
     }
