@@ -16,6 +16,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from .. import data
 from .. import train as lib
 from . import common
 
@@ -89,8 +90,8 @@ def train(
     from ..errors import UserError
 
     rec = common.resolve_target(model, recipe, method, r, inflect, per_layer, keep, prop_attn, formulation)
-    if val_resize not in ("timm", "squash"):
-        raise UserError(f"--val-resize must be timm or squash, got {val_resize!r}")
+    if val_resize not in data.RESIZE_MODES:
+        raise UserError(f"--val-resize must be one of {', '.join(data.RESIZE_MODES)}, got {val_resize!r}")
     config = lib.TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, clip_grad=clip_grad or None, feature_weight=feature_weight,

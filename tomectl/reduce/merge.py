@@ -78,11 +78,12 @@ class Bipartite:
     protected: int
     drop: bool = False
 
-    def slots(self, n: int) -> torch.Tensor:
-        """The same decision as output slots: [B, n] (`Decision.dst`) for `n` input tokens."""
+    def slots(self, n: int, rank: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The same decision as output slots: [B, n] (`Decision.dst`) for `n` input tokens.
+        `rank`: `self.rank()` where the caller has it already."""
         b, n_a = self.order.shape
         p, r = self.protected, self.r
-        rank = self._rank()
+        rank = self.rank() if rank is None else rank
         b_base = p + n_a - r
         # A token: its partner's slot if among the r best edges, else its own slot. B tokens keep
         # their order after the unmatched A tokens.
@@ -90,14 +91,15 @@ class Bipartite:
         b_slot = torch.arange(b_base, b_base + n_a, device=self.order.device).expand(b, n_a)
         return self._interleave(identity_slots(b, p, self.order.device), a_slot, b_slot, n)
 
-    def matched(self, n: int) -> torch.Tensor:
+    def matched(self, n: int, rank: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, n] bool: the A tokens that merge into (or are dropped for) a B token."""
-        hit = self._rank() < self.r
+        hit = (self.rank() if rank is None else rank) < self.r
         none = torch.zeros_like(hit)
         return self._interleave(hit.new_zeros(hit.shape[0], self.protected), hit, none, n)
 
-    def _rank(self) -> torch.Tensor:
-        return self.order.argsort(dim=-1, stable=True)  # A index -> rank (0 = most similar)
+    def rank(self) -> torch.Tensor:
+        """[B, n_a]: each A token's place in `order` (0 = most similar edge), by one stable sort."""
+        return self.order.argsort(dim=-1, stable=True)
 
     def _interleave(self, prot: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
         """[B, p], [B, n_a], [B, n_a] -> [B, n] in token order (A = even, B = odd free positions),
@@ -146,11 +148,10 @@ def slots_of(decision: Decision, n: int) -> torch.Tensor:
 
 def _as_slots(decision: Decision, x: torch.Tensor) -> Decision:
     """A bipartite decision rewritten in the slot form (dropping = a zero weight)."""
-    m = decision.match
-    weight = None
-    if m.drop:
-        weight = (~m.matched(x.shape[1])).to(x.dtype)
-    return replace(decision, dst=m.slots(x.shape[1]), match=None, weight=weight)
+    m, n = decision.match, x.shape[1]
+    rank = m.rank()
+    weight = (~m.matched(n, rank)).to(x.dtype) if m.drop else None
+    return replace(decision, dst=m.slots(n, rank), match=None, weight=weight)
 
 
 @dataclass(frozen=True)

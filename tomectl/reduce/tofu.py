@@ -77,6 +77,6 @@ class ToFu(ToMe):
     def decide(self, amount: int, signals: Signals) -> Optional[Decision]:
         if signals.layer < 0 or signals.n_layers <= 0:
             raise ValueError("ToFu needs the block index and depth (Signals.layer, n_layers)")
-        metric = signals.keys.sum(dim=1)  # [B, N, d]: keys summed over heads, as ToMe (same cosine)
         prune = signals.layer < self.transition(signals.n_layers)
-        return token_fusion(metric, amount, signals.state.protected, prune, self.options["norm"])
+        return token_fusion(self.metric(signals), amount, signals.state.protected, prune,
+                            self.options["norm"])

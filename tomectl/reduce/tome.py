@@ -70,8 +70,11 @@ class ToMe(ReductionMethod):
         n_free = n_tokens - protected
         return ((n_free + 1) // 2) * (n_free // 2) * head_dim  # the A x B similarity matmul
 
+    @staticmethod
+    def metric(signals: Signals) -> torch.Tensor:
+        """[B, N, d]: the attention keys summed over heads. Their cosine similarity is that of the
+        keys' average (the paper's metric); the sum is one operator fewer."""
+        return signals.keys.sum(dim=1)
+
     def decide(self, amount: int, signals: Signals) -> Optional[Decision]:
-        # [B, N, d]: the keys summed over heads; the cosine similarity of their average is the
-        # same, and the sum is one operator fewer
-        metric = signals.keys.sum(dim=1)
-        return bipartite_soft_matching(metric, amount, signals.state.protected)
+        return bipartite_soft_matching(self.metric(signals), amount, signals.state.protected)
