@@ -120,3 +120,29 @@ def test_cli_refusals_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert match in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())
+
+
+def test_trt_precision_reaches_the_latency_measurement(monkeypatch):
+    """--precision is part of a trt latency budget and is what the engine is built and timed at."""
+    import inspect
+
+    import tomectl.bench
+    from tomectl.recipe import Recipe
+    from tomectl.schedule import Schedule
+
+    with pytest.raises(UserError, match="--precision must be fp32 or fp16"):
+        cal.Budget.parse(latency_ms=5.0, backend="trt", precision="int8")
+    with pytest.raises(UserError, match="--precision fp16 applies to latency budgets on --backend trt"):
+        cal.Budget.parse(latency_ms=5.0, backend="ort", precision="fp16")
+    budget = cal.Budget.parse(latency_ms=5.0, backend="trt", batch=4, precision="fp16")
+    assert budget.describe() == "5 ms at batch 4 on trt fp16"
+    seen = {}
+
+    def fake_measure_latency(recipe, backend, batch, **kw):
+        seen.update(kw, backend=backend, batch=batch)
+        return SimpleNamespace(p50=1.0, spread=0.0)
+
+    assert "precision" in inspect.signature(tomectl.bench.measure_latency).parameters
+    monkeypatch.setattr(tomectl.bench, "measure_latency", fake_measure_latency)
+    cal._measure(Recipe("deit_tiny_patch16_224", Schedule.make(r=4)), budget, None)
+    assert (seen["backend"], seen["batch"], seen["precision"]) == ("trt", 4, "fp16")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -37,6 +37,20 @@ def _render(res: lib.CalibrationResult, out: Path) -> None:
     common.out.print(f"wrote {out} (recipe.yaml, summary.json, calibration.json/.md, frontier.png)")
 
 
+def _with_progress(run: Callable[[lib.ProgressFn], lib.CalibrationResult]) -> lib.CalibrationResult:
+    """`run(progress)` under a progress bar per phase (reference, candidates, search, latency)."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=common.console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        return run(progress)
+
+
 def calibrate(
     model: str = typer.Argument(..., help="timm model name."),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
@@ -48,7 +62,8 @@ def calibrate(
                                             help="Budget: speedup over the unreduced model."),
     backend: str = typer.Option("torch", "--backend", help="Latency budgets: torch, ort or trt."),
     batch: int = typer.Option(1, "--batch", help="Latency budgets: batch size."),
-    precision: str = typer.Option("fp32", "--precision", help="trt backend: fp32 or fp16."),
+    precision: str = typer.Option("fp32", "--precision",
+                                  help="trt latency budgets: the engine's precision, fp32 or fp16."),
     images: Optional[Path] = typer.Option(None, "--images", help="Calibration images (unlabelled is fine)."),
     n_images: int = typer.Option(lib.DEFAULT_IMAGES, "--n-images", help="How many calibration images."),
     resize: str = typer.Option("timm", "--resize", help="timm (resize + centre crop) or squash."),
@@ -65,9 +80,7 @@ def calibrate(
     """Find the schedule that meets a FLOPs or latency budget with the least accuracy loss."""
     from ..errors import UserError
 
-    if precision not in ("fp32", "fp16"):
-        raise UserError(f"--precision must be fp32 or fp16, got {precision!r}")
-    budget = lib.Budget.parse(flops, gmacs, latency_ms, speedup, backend, batch)
+    budget = lib.Budget.parse(flops, gmacs, latency_ms, speedup, backend, batch, precision)
     if budget.backend == "trt":
         from ..bench import check_backends
 
@@ -75,18 +88,10 @@ def calibrate(
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
     methods = [m.strip() for m in method.split(",")] if method else None
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=common.console, transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total)
-            bar.update(tasks[phase], completed=done, total=total)
-
-        res = lib.calibrate(model, budget, images=images, n_images=n_images, resize=resize, methods=methods,
-                            weights=weights, random_weights=random_weights, search_evals=search_evals,
-                            seed=seed, threads=threads, progress=progress)
+    res = _with_progress(lambda progress: lib.calibrate(
+        model, budget, images=images, n_images=n_images, resize=resize, methods=methods, weights=weights,
+        random_weights=random_weights, search_evals=search_evals, seed=seed, threads=threads,
+        progress=progress))
     recipe = lib.chosen_recipe(res, weights=weights, random_weights=random_weights)
     res.out = str(out)
 

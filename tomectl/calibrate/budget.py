@@ -1,0 +1,95 @@
+"""What a calibration must meet: a FLOPs or latency budget, parsed and checked in one place."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    from .space import Space
+
+BACKENDS = ("torch", "ort", "ort-cuda", "ort-trt", "trt")
+PRECISIONS = ("fp32", "fp16")  # of the engine a trt latency budget is measured on
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str  # "flops" (fraction of unreduced GMACs) | "gmacs" | "latency_ms" | "speedup"
+    value: float
+    backend: str = "torch"
+    batch: int = 1
+    precision: str = "fp32"  # trt: the engine's precision (the other backends run fp32)
+
+    @property
+    def is_latency(self) -> bool:
+        return self.kind in ("latency_ms", "speedup")
+
+    def describe(self) -> str:
+        where = f"batch {self.batch} on {self.backend}" + (
+            f" {self.precision}" if self.precision != "fp32" else "")
+        return {
+            "flops": f"{self.value:g} of the unreduced GMACs",
+            "gmacs": f"{self.value:g} GMACs",
+            "latency_ms": f"{self.value:g} ms at {where}",
+            "speedup": f"{self.value:g}x speedup at {where}",
+        }[self.kind]
+
+    @staticmethod
+    def parse(flops=None, gmacs=None, latency_ms=None, speedup=None, backend: str = "torch",
+              batch: int = 1, precision: str = "fp32") -> "Budget":
+        if precision not in PRECISIONS:
+            raise UserError(f"--precision must be {' or '.join(PRECISIONS)}, got {precision!r}")
+        given = {k: v for k, v in (("flops", flops), ("gmacs", gmacs), ("latency_ms", latency_ms),
+                                   ("speedup", speedup)) if v is not None}
+        if len(given) != 1:
+            names = ", ".join(f"--{k.replace('_', '-')}" for k in given) or "none"
+            raise UserError("give exactly one budget: --flops, --gmacs, --latency-ms or --speedup "
+                            f"(got {names})")
+        kind, value = next(iter(given.items()))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise UserError(f"--{kind.replace('_', '-')} must be a number, got {value!r}")
+        value = float(value)
+        if kind == "flops" and not 0 < value:
+            raise UserError(f"--flops is a fraction of the unreduced GMACs (e.g. 0.6), got {value:g}")
+        if kind in ("gmacs", "latency_ms") and value <= 0:
+            raise UserError(f"--{kind.replace('_', '-')} must be positive, got {value:g}")
+        if kind == "speedup" and value <= 0:
+            raise UserError(f"--speedup must be positive (e.g. 2.0), got {value:g}")
+        if backend not in BACKENDS:
+            raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise UserError(f"--batch must be a whole number >= 1, got {batch!r}")
+        if precision != "fp32" and not (backend == "trt" and kind in ("latency_ms", "speedup")):
+            raise UserError(f"--precision {precision} applies to latency budgets on --backend trt "
+                            "(TensorRT engines); the other backends run fp32")
+        return Budget(kind, value, backend, batch, precision)
+
+
+def _check_flops_feasible(space: "Space", target: float, budget: Budget) -> None:
+    """A one-line UserError naming the nearest feasible budget where `target` GMACs cannot be met."""
+    strongest = min(space.gmacs(m, space.strongest(m)) for m in space.methods)
+    if target >= space.base_gmacs:
+        nearest = 0.99 if budget.kind == "flops" else round(space.base_gmacs * 0.99, 3)
+        flag = "--flops" if budget.kind == "flops" else "--gmacs"
+        raise UserError(
+            f"the budget ({budget.describe()}) is looser than the unreduced model "
+            f"({space.base_gmacs:.3f} GMACs): "
+            f"nothing to reduce; nearest feasible budget: {flag} {nearest:g}"
+        )
+    if target < strongest:
+        if budget.kind == "flops":
+            near = f"--flops {_ceil(strongest / space.base_gmacs, 3):g}"
+        else:
+            near = f"--gmacs {_ceil(strongest, 3):g}"
+        raise UserError(
+            f"the budget ({budget.describe()}) is tighter than the strongest schedule allows "
+            f"({strongest:.3f} GMACs); nearest feasible budget: {near}"
+        )
+
+
+def _ceil(v: float, digits: int) -> float:
+    f = 10 ** digits
+    return math.ceil(v * f) / f
