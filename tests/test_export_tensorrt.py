@@ -16,6 +16,7 @@ from onnx import TensorProto, helper
 from tomectl.cli import main
 from tomectl.errors import UserError
 from tomectl.export import tensorrt as trt_export
+from tomectl.export import trt_graph  # where the GPU and driver checks live (patch targets)
 from tomectl.export.onnx import export_graph, load_session, run_session
 
 SIZE = (3, 64, 64)
@@ -247,8 +248,8 @@ def test_configure_applies_the_plan_to_a_builder_config():
 def test_missing_tensorrt_and_gpu_are_named_in_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(trt_export.shutil, "which", lambda name: None)
-    monkeypatch.setattr(trt_export, "NVIDIA_DRIVER", types.SimpleNamespace(exists=lambda: False))
+    monkeypatch.setattr(trt_graph.shutil, "which", lambda name: None)
+    monkeypatch.setattr(trt_graph, "NVIDIA_DRIVER", types.SimpleNamespace(exists=lambda: False))
     with pytest.raises(UserError) as err:
         trt_export.require_tensorrt()
     msg = str(err.value)
