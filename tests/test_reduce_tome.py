@@ -8,24 +8,60 @@ from tomectl.reduce.merge import Decision, slots_of
 
 
 def test_matching_merges_the_most_similar_pairs():
-    # 1 protected + 6 free tokens: A = free 0,2,4 ; B = free 1,3,5.
-    # free0 ~ free3 (nearly identical), free2 ~ free5 (close), free4 is unlike every B token.
+    # The reference's partition is by absolute position: with a class token at 0, A = positions
+    # 2, 4, 6 (0 is the class token, never merged) and B = positions 1, 3, 5.
+    # pos2 ~ pos5 (nearly identical), pos6 ~ pos1 (close), pos4 is unlike every B token.
     e = torch.eye(4)
     metric = torch.stack([
-        e[3],                         # protected (class) token
-        e[0], e[1],                   # free0 (A), free1 (B)
-        0.3 * e[1] + e[2], e[0] + 0.01 * e[1],   # free2 (A), free3 (B)
-        -e[0] - e[1] - e[2], e[2],    # free4 (A), free5 (B)
+        e[3],                         # 0: class token (A, protected)
+        e[2],                         # 1: B0
+        e[0],                         # 2: A0
+        e[1],                         # 3: B1
+        -e[0] - e[1] - e[2],          # 4: A1
+        e[0] + 0.01 * e[1],           # 5: B2
+        0.3 * e[1] + e[2],            # 6: A2
     ])[None]
     d = bipartite_soft_matching(metric, r=2, protected=1)
     assert d.n_out == 5
     dst = slots_of(d, 7)[0].tolist()
     assert dst[0] == 0  # the class token stays in place
-    # B tokens occupy the last 3 slots in order: free1 -> 2, free3 -> 3, free5 -> 4
-    assert dst[2] == 2 and dst[4] == 3 and dst[6] == 4
-    assert dst[1] == dst[4]  # free0 merged into free3
-    assert dst[3] == dst[6]  # free2 merged into free5
-    assert dst[5] == 1  # free4 (no similar partner) is kept, right after the protected token
+    assert dst[4] == 1  # A1 (no similar partner) is kept, right after the class token
+    # B tokens occupy the last 3 slots in position order: pos1 -> 2, pos3 -> 3, pos5 -> 4
+    assert dst[1] == 2 and dst[3] == 3 and dst[5] == 4
+    assert dst[2] == dst[5]  # A0 merged into B2
+    assert dst[6] == dst[1]  # A2 merged into B0
+
+
+def _kept_order_metric(protected: int) -> torch.Tensor:
+    """Three free A tokens whose edges rank A1 > A2 > A0, so edge order and position order of the
+    two unmerged ones (A0, A2) differ; prefix tokens orthogonal to everything."""
+    e = torch.eye(8)
+    a = [e[0] + 0.9 * e[3], e[1], e[2] + 0.5 * e[4]]  # edge similarities 0.74, 1.0, 0.89
+    bb = [e[0], e[1], e[2]]
+    free = [v for pair in zip(a, bb, strict=True) for v in pair]  # free tokens A B A B A B
+    if protected % 2:  # the first free position is odd: B comes first
+        free = [v for pair in zip(bb, a, strict=True) for v in pair]
+    prefix = [e[5 + i % 3] * (i + 1) for i in range(protected)]
+    return torch.stack(prefix + free)[None]
+
+
+@pytest.mark.parametrize("protected", [0, 1, 2, 5])
+def test_unmerged_a_tokens_keep_position_order_where_there_is_a_prefix(protected):
+    """The reference sorts the unmerged A indices when there is a class token (and so does tomectl
+    for any prefix: class, distillation, registers); without any prefix token it keeps them in
+    edge order (most similar first), as the reference does."""
+    metric = _kept_order_metric(protected)
+    n = metric.shape[1]
+    d = bipartite_soft_matching(metric, r=1, protected=protected)
+    dst = slots_of(d, n)[0].tolist()
+    first_a = protected + protected % 2  # position of A0
+    a_pos = [first_a, first_a + 2, first_a + 4]
+    assert dst[:protected] == list(range(protected))
+    assert dst[a_pos[1]] >= protected + 2  # A1 (best edge) merged into a B slot
+    if protected:
+        assert (dst[a_pos[0]], dst[a_pos[2]]) == (protected, protected + 1)  # position order
+    else:
+        assert (dst[a_pos[2]], dst[a_pos[0]]) == (0, 1)  # edge order: A2 (0.89) before A0 (0.74)
 
 
 @pytest.mark.parametrize("n_free,r", [(196, 13), (197, 98), (9, 4), (10, 5), (2, 1)])
@@ -105,7 +141,8 @@ def test_proportional_attention_bias_is_log_size():
 
 
 @pytest.mark.parametrize("protected,n_free,r",
-                         [(0, 196, 13), (1, 196, 13), (1, 9, 4), (5, 2, 1), (1, 197, 98)])
+                         [(0, 196, 13), (1, 196, 13), (1, 9, 4), (5, 2, 1), (1, 197, 98),
+                          (2, 196, 13), (2, 9, 4), (4, 7, 3), (5, 196, 98), (0, 9, 4)])
 @pytest.mark.parametrize("sized", [False, True])
 @pytest.mark.parametrize("variant", ["average", "drop", "max", "mean"])
 def test_bipartite_gather_path_equals_the_slot_form(protected, n_free, r, sized, variant):
@@ -128,6 +165,17 @@ def test_bipartite_gather_path_equals_the_slot_form(protected, n_free, r, sized,
         d = replace(d, norm=variant)
     out, st = apply_decision(d, x, state, "scatter")
     assert out.shape == (3, n - r, 16)
+    # the reference's layout: [prefix, unmerged A (position order where there is a prefix), B]
+    slots, hit = slots_of(d, n), d.match.matched(n)
+    a_pos = torch.arange(protected + protected % 2, n, 2)
+    b_pos = torch.arange(protected + 1 - protected % 2, n, 2)
+    assert (slots[:, b_pos] == torch.arange(n - r - len(b_pos), n - r)).all()
+    assert not hit[:, b_pos].any() and hit[:, a_pos].sum(-1).eq(r).all()
+    for i in range(3):
+        kept = slots[i, a_pos][~hit[i, a_pos]]
+        assert sorted(kept.tolist()) == list(range(protected, protected + len(a_pos) - r))
+        if protected:
+            assert kept.tolist() == sorted(kept.tolist())
     for formulation in ("scatter", "onehot"):
         ref, ref_st = apply_decision(_as_slots(d, x), x, state, formulation)
         torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)

@@ -27,14 +27,15 @@ input token i goes to output j, and ``x_j = sum_i mix_ji s_i x_i / sum_i mix_ji 
 ``sum_i mix_ji s_i``; a hard assignment is the special case of a 0/1 matrix. MatMul only.
 
 A *bipartite* decision (`Bipartite`: ToMe's matching, and ToFu and DTEM which reuse it) is kept in
-its own terms instead: the A tokens in order of their edge's similarity, and each one's partner in
-B. Its scatter formulation works on flat rows (batch folded in): each output slot starts as a row
-gather of its own token (protected, unmatched A, B), and each matched A token i moves its partner
-j by ``s_i (x_i - x_j) / S_j`` (``S_j`` the slot's summed size, one ``index_add`` of the r sizes):
-the moves add up to exactly the size-weighted average, only the r matched rows are touched twice,
-and a slot that receives nothing is a bit-exact copy of its token. No second sort (no slot index)
-and no zero-filled sum over all tokens: on DeiT-S at batch 8 the merge costs about a third less than
-the slot form's ``index_add`` over every row. The onehot formulation (and a pruning mask under it)
+its own terms instead: the matched A tokens in order of their edge's similarity, the unmatched ones
+in output order, and each one's partner in B. Its scatter formulation works on flat rows (batch
+folded in): each output slot starts as a row gather of its own token (prefix, unmatched A, B),
+and each matched A token i moves its partner j by ``s_i (x_i - x_j) / S_j`` (``S_j`` the slot's
+summed size, one ``index_add`` of the r sizes): the moves add up to exactly the size-weighted
+average, only the r matched rows are touched twice, and a slot that receives nothing is a bit-exact
+copy of its token. No slot index (no sort of the ranks) and no zero-filled sum over all tokens:
+on DeiT-S at batch 8 the merge costs about a third less than the slot form's ``index_add`` over
+every row. The onehot formulation (and a pruning mask under it)
 uses the same decision as slots (`slots_of`).
 
 A decision may ask for a norm-preserving merge (``norm="max"``, ToFu's MLERP): the size-weighted
@@ -55,19 +56,29 @@ FORMULATIONS = ("scatter", "onehot")
 NORMS = ("max", "mean")
 
 
+def bipartite_starts(protected: int) -> tuple[int, int]:
+    """First free position of set A (even positions) and of set B (odd) when the first `protected`
+    tokens are prefix tokens: the reference's alternation over *all* tokens by position."""
+    odd = protected % 2
+    return protected + odd, protected + 1 - odd
+
+
 @dataclass(frozen=True)
 class Bipartite:
     """ToMe's bipartite matching, in its own terms (see `tome.bipartite_soft_matching`).
 
-    The unprotected tokens split alternately into A (even positions) and B (odd); every A token
-    has a most similar B token, and the `r` A tokens with the most similar partners merge into them.
-    The output layout is [protected, unmatched A (most similar first), B].
+    All tokens alternate by position into A (even) and B (odd); the prefix tokens (the first
+    `protected`) take no part. Every free A token has a most similar free B token, and the `r` A
+    tokens with the most similar partners merge into them. The output layout is [prefix tokens,
+    unmatched A (in the order of `order`), free B (position order)].
 
-    order:     [B, n_a] int64, A-set indices sorted by their edge's similarity, highest first: the
-               first `r` merge, the rest stay in that order.
-    partner:   [B, n_a] int64, each A token's most similar token in the B set (index into B).
+    order:     [B, n_a] int64, indices into the free A tokens: the first `r` are the matched ones,
+               highest edge similarity first; the rest are the unmatched ones in their output order
+               (ascending position when there are prefix tokens, as the reference keeps them; edge
+               order without any).
+    partner:   [B, n_a] int64, each A token's most similar token in the free B set (index into B).
     r:         tokens removed (A tokens matched).
-    protected: leading tokens that stay in place.
+    protected: leading (prefix) tokens that stay in place.
     drop:      the matched A tokens are dropped (pruning: their partners stay exactly as they were,
                sizes unchanged) instead of averaged in (ToFu's early layers).
     """
@@ -78,33 +89,43 @@ class Bipartite:
     protected: int
     drop: bool = False
 
+    @property
+    def a_first(self) -> bool:
+        """Whether the first free token (position `protected`) is in A."""
+        return self.protected % 2 == 0
+
     def slots(self, n: int, rank: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The same decision as output slots: [B, n] (`Decision.dst`) for `n` input tokens.
         `rank`: `self.rank()` where the caller has it already."""
         b, n_a = self.order.shape
         p, r = self.protected, self.r
+        n_b = n - p - n_a
         rank = self.rank() if rank is None else rank
         b_base = p + n_a - r
-        # A token: its partner's slot if among the r best edges, else its own slot. B tokens keep
-        # their order after the unmatched A tokens.
+        # A token: its partner's slot if among the r best edges, else its place among the unmatched
+        # ones. B tokens keep their order after the unmatched A tokens.
         a_slot = torch.where(rank < r, self.partner + b_base, rank + (p - r))
-        b_slot = torch.arange(b_base, b_base + n_a, device=self.order.device).expand(b, n_a)
+        b_slot = torch.arange(b_base, b_base + n_b, device=self.order.device).expand(b, n_b)
         return self._interleave(identity_slots(b, p, self.order.device), a_slot, b_slot, n)
 
     def matched(self, n: int, rank: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, n] bool: the A tokens that merge into (or are dropped for) a B token."""
         hit = (self.rank() if rank is None else rank) < self.r
-        none = torch.zeros_like(hit)
+        none = hit.new_zeros(hit.shape[0], n - self.protected - hit.shape[1])
         return self._interleave(hit.new_zeros(hit.shape[0], self.protected), hit, none, n)
 
     def rank(self) -> torch.Tensor:
-        """[B, n_a]: each A token's place in `order` (0 = most similar edge), by one stable sort."""
+        """[B, n_a]: each A token's place in `order` (0..r-1 matched, r.. its place among the
+        unmatched), by one stable sort."""
         return self.order.argsort(dim=-1, stable=True)
 
     def _interleave(self, prot: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
-        """[B, p], [B, n_a], [B, n_a] -> [B, n] in token order (A = even, B = odd free positions),
-        without any scatter. `b` has one entry too many when |A| > |B|: it is cut off."""
-        free = torch.stack([a, b], dim=-1).reshape(a.shape[0], -1)[:, : n - self.protected]
+        """[B, p], [B, n_a], [B, n_b] -> [B, n] in token order (free tokens alternate, A at even
+        positions, B at odd ones), without any scatter."""
+        first, second = (a, b) if self.a_first else (b, a)
+        if second.shape[1] < first.shape[1]:  # one free token more in the first set: a filler, cut off
+            second = torch.cat([second, first[:, -1:]], dim=1)
+        free = torch.stack([first, second], dim=-1).reshape(a.shape[0], -1)[:, : n - self.protected]
         return torch.cat([prot, free], dim=1)
 
 
@@ -265,7 +286,7 @@ def _apply_bipartite(decision: Decision, x: torch.Tensor,
                      state: TokenState) -> tuple[torch.Tensor, TokenState]:
     """The scatter formulation of a bipartite decision, on flat rows (the batch folded in).
 
-    Every output slot starts as a copy of one input token (protected, unmatched A, B: one row
+    Every output slot starts as a copy of one input token (prefix, unmatched A, B: one row
     gather), and each matched A token i then moves its partner j by ``s_i (x_i - x_j) / S_j``, with
     ``S_j = s_j + sum of the s_i merged into j``: the sum of those moves gives exactly the
     size-weighted average ``(s_j x_j + sum_i s_i x_i) / S_j``, while only the r matched rows are
@@ -277,7 +298,7 @@ def _apply_bipartite(decision: Decision, x: torch.Tensor,
     n_out = n - r
     prot_rows, a_rows, b_rows, into_rows = _bipartite_rows(b, n, p, r, x)
     a_sorted = a_rows.gather(1, m.order)  # flat input rows of the A tokens, most similar edge first
-    # Flat row (image * n + token) of each output slot's own token: [protected, unmatched A, B].
+    # Flat row (image * n + token) of each output slot's own token: [prefix, unmatched A, B].
     keep = torch.cat([prot_rows, a_sorted[:, r:], b_rows], dim=1).reshape(-1)
     x_flat = x.reshape(b * n, c)
     y = x_flat.index_select(0, keep)
@@ -325,8 +346,9 @@ _ROWS: dict = {}
 
 def _bipartite_rows(b: int, n: int, p: int, r: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Constant flat-row tables of a bipartite merge of `b` images of `n` tokens ([B, k] each):
-    the protected tokens' input rows, the A tokens' and the B tokens' input rows (by A / B index),
-    and the B tokens' output rows (by B index; output layout [protected, n_a - r unmatched A, B]).
+    the prefix tokens' input rows, the free A tokens' and the free B tokens' input rows (by A / B
+    index), and the B tokens' output rows (by B index; output layout [prefix, n_a - r unmatched A,
+    B]).
 
     Built once per shape and device in eager use (a merge runs a dozen tiny operators, and each
     arange costs as much as one); built afresh while tracing (export, compile), where they become
@@ -337,14 +359,15 @@ def _bipartite_rows(b: int, n: int, p: int, r: int, x: torch.Tensor) -> tuple[to
     rows = _ROWS.get(key) if eager else None
     if rows is None:
         with torch.inference_mode(False):  # plain tensors: usable under autograd too
+            a0, b0 = bipartite_starts(p)
+            n_a, n_b = len(range(a0, n, 2)), len(range(b0, n, 2))
             tok = torch.arange(n, device=x.device)
-            n_b = (n - p) // 2
-            out_b = torch.arange(p + (n - p + 1) // 2 - r, n - r, device=x.device)
+            out_b = torch.arange(p + n_a - r, n - r, device=x.device)
             if b > 1:
                 tok = tok + torch.arange(b, device=x.device)[:, None] * n
                 out_b = out_b + torch.arange(b, device=x.device)[:, None] * (n - r)
             tok = tok.expand(b, n)
-            rows = (tok[:, :p].contiguous(), tok[:, p::2].contiguous(), tok[:, p + 1::2].contiguous(),
+            rows = (tok[:, :p].contiguous(), tok[:, a0::2].contiguous(), tok[:, b0::2].contiguous(),
                     out_b.expand(b, n_b).contiguous())
         if eager:
             if len(_ROWS) > 256:
