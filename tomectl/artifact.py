@@ -131,17 +131,19 @@ def is_artifact(path: str | Path) -> bool:
 
 
 def save_learned(model, path: str | Path) -> None:
-    """Write a reduced model's learned parameters (`model.tomectl_modules`) as safetensors."""
+    """Write a reduced model's learned parameters (its learned modules) as safetensors."""
     from safetensors.torch import save_file
 
-    modules = getattr(model, "tomectl_modules", None)
+    from .reduced import learned_modules
+
+    modules = learned_modules(model)
     if modules is None:
         raise ValueError("this model has no learned reduction parameters")
     save_file({k: v.detach().contiguous().cpu() for k, v in modules.state_dict().items()}, str(path))
 
 
 def load_learned(model, path: str | Path, sha256: str | None = None) -> None:
-    """Load learned parameters into `model.tomectl_modules`; a mismatch is a one-line UserError."""
+    """Load learned parameters into the model's learned modules; a mismatch is a one-line UserError."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -156,7 +158,9 @@ def load_learned(model, path: str | Path, sha256: str | None = None) -> None:
         sd = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path} is not a safetensors file: {e}") from None
-    modules = getattr(model, "tomectl_modules", None)
+    from .reduced import learned_modules
+
+    modules = learned_modules(model)
     own = {} if modules is None else modules.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]

@@ -27,7 +27,10 @@ report.json (`BenchReport.to_dict`), schema_version 1:
         runtime included; "cuda": torch.cuda.max_memory_allocated), threads, speedup (the
         baseline's p50 / this p50, same backend and batch, same run), efficiency (speedup /
         flops_ratio: 1.0 means every multiply-accumulate saved became time saved), error (null,
-        or why this configuration could not run)
+        or why this configuration could not run), formulation (the merge formulation this
+        backend ran: the recipe's in torch, onehot in the ONNX/TensorRT graphs, which `gmacs` is
+        priced on), graph_sha256 (the exported graph or engine that was timed: byte for byte what
+        `tomectl export` writes for the same artifact, backend and batch; null for torch)
     evals           accuracy from `tomectl eval --out` files given with --eval: target, model,
                     schedule, gmacs, gmacs_base, top1, top5, agreement, ref_top1, n
     provenance      {versions, machine (cpu, cpu_count, torch_threads, platform, gpu, bench_threads),
@@ -37,6 +40,7 @@ report.json (`BenchReport.to_dict`), schema_version 1:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -48,13 +52,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .bench_worker import ORT_PROVIDERS, run_worker
+from .bench_worker import run_worker
 from .errors import UserError
 from .recipe import Recipe
+from .reduced import BACKENDS, GPU_BACKENDS, Target, check_backends
+
+__all__ = ["BACKENDS", "GPU_BACKENDS", "BenchReport", "BenchRow", "LatencyStats", "check_backends",
+           "export_for_bench", "measure_latency", "run_bench"]
 
 SCHEMA_VERSION = 1
-BACKENDS = ("torch", "torch-compile", "torch-cuda", "ort", "ort-cuda", "ort-trt", "trt")
-GPU_BACKENDS = ("torch-cuda", "ort-cuda", "ort-trt", "trt")
 WORKER_TIMEOUT_S = 1800
 NOISY_SPREAD = 0.25
 # ToMe's matching is a discrete choice: with random weights near-ties are common, and rounding that
@@ -85,6 +91,7 @@ class LatencyStats:
     min: float
     std: float
     n: int
+    graph_sha256: Optional[str] = None  # the exported graph or engine that was timed (ort, trt)
 
     @property
     def spread(self) -> float:
@@ -110,7 +117,8 @@ class LatencyStats:
                             min=s[0], std=std, n=n)
 
     def to_dict(self) -> dict:
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()
+                if k != "graph_sha256"}
 
 
 @dataclass
@@ -132,6 +140,8 @@ class BenchRow:
     efficiency: Optional[float] = None
     error: Optional[str] = None
     baseline: bool = False
+    formulation: Optional[str] = None  # the merge formulation this backend ran
+    graph_sha256: Optional[str] = None  # the exported graph (or engine) that was timed
 
     @property
     def flops_ratio(self) -> float:
@@ -155,6 +165,7 @@ class BenchRow:
             "peak_mem_mb": None if self.peak_mem_mb is None else round(self.peak_mem_mb, 1),
             "mem_kind": self.mem_kind, "threads": self.threads,
             "speedup": r4(self.speedup), "efficiency": r4(self.efficiency), "error": self.error,
+            "formulation": self.formulation, "graph_sha256": self.graph_sha256,
         }
 
 
@@ -241,36 +252,6 @@ def entries_for(target: str | Sequence[str], schedules: Optional[Sequence[int]] 
     return model, [base, *entries, *extra]
 
 
-def check_backends(backends: Sequence[str]) -> list[str]:
-    """The distinct backends asked for, each checked to be runnable here (one-line UserError)."""
-    out = list(dict.fromkeys(backends))
-    if not out:
-        raise UserError("give at least one backend (e.g. --backend torch,ort)")
-    for b in out:
-        if b not in BACKENDS:
-            raise UserError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
-    gpu = [b for b in out if b in GPU_BACKENDS]
-    if gpu:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError(f"backend {gpu[0]} needs a CUDA GPU and none is visible; use torch or ort")
-    for b in out:
-        if b in ("ort-cuda", "ort-trt"):
-            import onnxruntime as ort
-
-            have = ort.get_available_providers()
-            if ORT_PROVIDERS[b][0] not in have:
-                raise UserError(f"backend {b} needs onnxruntime's {ORT_PROVIDERS[b][0]}, which this install "
-                                f"lacks (available: {', '.join(have)})")
-        if b == "trt":
-            try:
-                import tensorrt  # noqa: F401
-            except ImportError:
-                raise UserError("backend trt needs TensorRT (pip install 'tomectl[trt]') and a GPU") from None
-    return out
-
-
 def _default_threads() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
@@ -306,37 +287,29 @@ def _check_counts(warmup: int, iters: Optional[int], duration: Optional[float], 
 
 
 def export_for_bench(recipe: Recipe, batch: int, *, onnx_out: Path, engine_out: Optional[Path] = None,
-                     weights=None, random_weights: bool = False, simplify: bool = True) -> str:
-    """Export `recipe` at `batch` to `onnx_out` (and a TensorRT engine) with tomectl's exporter,
-    checked against PyTorch; returns a one-line parity note. UserError when the export fails.
-
-    onnxruntime gets the recipe's merge formulation; an engine is built from a onehot graph
-    (TensorRT refuses the scatter formulation's ScatterND with reduction=add)."""
-    import dataclasses
-
-    from .adapters import adapter_for
+                     weights=None, random_weights: bool = False, simplify: bool = True,
+                     formulation: Optional[str] = None, precision: str = "fp32") -> tuple[str, str]:
+    """Export `recipe` at `batch` to `onnx_out` (and a TensorRT engine) through the one export
+    pipeline (`Reduced.export_onnx`, what `tomectl export` writes for the same target), checked
+    against PyTorch; returns (a one-line parity note, the sha256 of the timed file). UserError when
+    the export fails."""
     from .build import build
-    from .export.onnx import ATOL, export_onnx
-    from .models import preprocessing
 
-    built = build(recipe, weights=weights, random_weights=random_weights)
-    model = built.model
-    formulation = recipe.formulation if engine_out is None else "onehot"
-    if model.tomectl_plan.formulation != formulation:
-        adapter_for(model).install(model, dataclasses.replace(model.tomectl_plan, formulation=formulation))
-    res = export_onnx(model, onnx_out, batch=batch, input_size=tuple(preprocessing(model)["input_size"]),
-                      simplify=simplify, atol=RANDOM_WEIGHTS_ATOL if random_weights else ATOL,
-                      meta={"model": recipe.model, "recipe": recipe.to_dict(),
-                            "weights": built.loaded.weights.to_dict()})
+    target = Target("trt" if engine_out is not None else "ort", precision, batch, formulation)
+    reduced = build(recipe, weights=weights, random_weights=random_weights, target=target)
+    res = reduced.export_onnx(onnx_out, simplify=simplify,
+                              atol=RANDOM_WEIGHTS_ATOL if random_weights else None)
     note = f"max |diff| {res.max_abs_diff:.1e} vs PyTorch on {res.n_check} inputs"
     if res.near_ties:
         note += f" ({res.near_ties} on a merge near-tie, matched on a rounding-sized perturbation)"
-    if engine_out is not None:
-        from .export.tensorrt import build_engine
+    if engine_out is None:
+        return note, res.sha256
+    from .export.tensorrt import build_engine
+    from .models import sha256_of
 
-        eng = build_engine(onnx_out, engine_out, batch=batch)
-        note += f"; engine vs onnxruntime top-1 agreement {eng.top1_agreement:.1%}"
-    return note
+    eng = build_engine(onnx_out, engine_out, batch=batch, precision=precision)
+    note += f"; engine vs onnxruntime top-1 agreement {eng.top1_agreement:.1%}"
+    return note, sha256_of(engine_out)
 
 
 def _worker_env(threads: int) -> dict:
@@ -371,6 +344,7 @@ class _Graphs:
 
     files: dict = field(default_factory=dict)  # (kind, label, batch) -> path, kind "onnx" | "trt"
     errors: dict = field(default_factory=dict)  # (kind, label, batch) -> message
+    sha256: dict = field(default_factory=dict)  # (kind, label, batch) -> sha256 of the file
     notes: list = field(default_factory=list)
 
 
@@ -385,11 +359,12 @@ def _export_all(entries, backends, batches, workdir: Path, tick, **kw) -> _Graph
                 onnx_path = workdir / f"{kind}{i}_b{bs}.onnx"
                 engine = workdir / f"trt{i}_b{bs}.engine" if kind == "trt" else None
                 try:
-                    note = export_for_bench(e.recipe, bs, onnx_out=onnx_path, engine_out=engine, **kw)
+                    note, sha = export_for_bench(e.recipe, bs, onnx_out=onnx_path, engine_out=engine, **kw)
                 except UserError as err:
                     g.errors[(kind, e.label, bs)] = str(err)
                     continue
                 g.files[(kind, e.label, bs)] = engine or onnx_path
+                g.sha256[(kind, e.label, bs)] = sha
                 what = "ONNX" if kind == "onnx" else "TensorRT"
                 g.notes.append(f"{what} export {e.label} batch {bs}: {note}")
     return g
@@ -427,7 +402,7 @@ def _time_all(entries, backends, batches, rounds: int, graphs: _Graphs, base_spe
 
 
 def _rows(entries, built: dict, backends, batches, samples: dict, results: dict,
-          threads: int) -> list[BenchRow]:
+          threads: int, graphs: "_Graphs", formulation: Optional[str] = None) -> list[BenchRow]:
     base_gmacs = built[entries[0].label].base_macs().gmacs
     rows: list[BenchRow] = []
     for backend in backends:
@@ -436,11 +411,15 @@ def _rows(entries, built: dict, backends, batches, samples: dict, results: dict,
             for e in entries:
                 b = built[e.label]
                 res = results.get((backend, bs, e.label), {"error": "not run"})
+                target = Target(backend, batch=bs, formulation=formulation)
+                kind = "trt" if backend == "trt" else "onnx" if target.graph else None
                 row = BenchRow(
                     backend=backend, batch=bs, label=e.label, schedule=e.recipe.schedule.describe(),
                     method=e.recipe.method, removed_per_layer=list(b.removed),
-                    params=sum(p.numel() for p in b.model.parameters()), gmacs=b.macs().gmacs,
+                    params=sum(p.numel() for p in b.model.parameters()), gmacs=b.macs_for(target).gmacs,
                     gmacs_base=base_gmacs, threads=threads, baseline=e is entries[0], error=res.get("error"),
+                    formulation=target.formulation_for(e.recipe.formulation)[0],
+                    graph_sha256=graphs.sha256.get((kind, e.label, bs)),
                 )
                 if row.error is None:
                     row.latency = LatencyStats.of(samples[(backend, bs, e.label)])
@@ -488,7 +467,7 @@ def run_bench(
     weights: Optional[str | Path] = None,
     method: str = "tome",
     prop_attn: bool = True,
-    formulation: str = "scatter",
+    formulation: Optional[str] = None,
     rounds: int = 1,
     simplify: bool = True,
     evals: Sequence[dict] = (),
@@ -508,7 +487,9 @@ def run_bench(
     threads = threads or _default_threads()
     _check_counts(warmup, iters, duration, batches, threads, rounds)
     backends = check_backends(list(backends) + (["torch-compile"] if compile and "torch" in backends else []))
-    model, entries = entries_for(target, schedules, method, prop_attn, formulation)
+    model, entries = entries_for(target, schedules, method, prop_attn, formulation or "scatter")
+    if formulation is not None:  # asked for: every backend runs it, artifacts' torch rows too
+        entries = [Entry(e.label, dataclasses.replace(e.recipe, formulation=formulation)) for e in entries]
     batches = list(dict.fromkeys(int(b) for b in batches))
 
     # Build each configuration once here: validates schedules and weights, gives params and GMACs.
@@ -532,14 +513,14 @@ def run_bench(
     workdir = Path(tempfile.mkdtemp(prefix="tomectl-bench-"))
     try:
         graphs = _export_all(entries, backends, batches, workdir, tick, weights=weights,
-                             random_weights=random_weights, simplify=simplify)
+                             random_weights=random_weights, simplify=simplify, formulation=formulation)
         samples, results = _time_all(entries, backends, batches, rounds, graphs, base_spec, workdir, tick)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if progress is not None:
         progress("done", steps, steps)
 
-    rows = _rows(entries, built, backends, batches, samples, results, threads)
+    rows = _rows(entries, built, backends, batches, samples, results, threads, graphs, formulation)
     load_end = _load_average()
     config = {
         "warmup": warmup, "iters": iters, "duration_s": duration, "threads": threads, "rounds": rounds,
@@ -590,6 +571,7 @@ def measure_latency(
     random_weights: bool = True,
     isolate: bool = True,
     onnx: Optional[str | Path] = None,
+    precision: str = "fp32",
 ) -> LatencyStats:
     """Latency of one configuration (for `tomectl calibrate`'s latency budgets).
 
@@ -611,20 +593,25 @@ def measure_latency(
             "weights": str(weights) if weights else None}
     workdir = Path(tempfile.mkdtemp(prefix="tomectl-lat-"))
     try:
-        kw = dict(weights=weights, random_weights=random_weights)
+        kw = dict(weights=weights, random_weights=random_weights, precision=precision)
+        sha = None
         if backend.startswith("ort"):
             if onnx is None:
                 onnx = workdir / "model.onnx"
-                export_for_bench(recipe, batch, onnx_out=Path(onnx), **kw)
+                _, sha = export_for_bench(recipe, batch, onnx_out=Path(onnx), **kw)
+            else:
+                from .models import sha256_of
+
+                sha = sha256_of(onnx)
             spec["onnx"] = str(onnx)
         elif backend == "trt":
             spec["engine"] = str(workdir / "model.engine")
-            export_for_bench(recipe, batch, onnx_out=workdir / "model.onnx", engine_out=Path(spec["engine"]),
-                             **kw)
+            _, sha = export_for_bench(recipe, batch, onnx_out=workdir / "model.onnx",
+                                      engine_out=Path(spec["engine"]), **kw)
         res = run_isolated(spec, workdir) if isolate else run_worker(spec)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if "error" in res:
         what = f"{recipe.model} {recipe.schedule.describe()} on {backend}"
         raise UserError(f"could not time {what}: {res['error']}")
-    return LatencyStats.of(res["samples_ms"])
+    return dataclasses.replace(LatencyStats.of(res["samples_ms"]), graph_sha256=sha)

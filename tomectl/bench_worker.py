@@ -19,12 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import UserError
-
-ORT_PROVIDERS = {
-    "ort": ["CPUExecutionProvider"],
-    "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "ort-trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
+from .runtime import ORT_PROVIDERS, ort_session  # noqa: F401  (ORT_PROVIDERS: older import path)
 
 
 def peak_rss_reset() -> bool:
@@ -95,17 +90,7 @@ def _torch_fn(spec: dict):
 def _ort_fn(spec: dict):
     import numpy as np
 
-    if spec["backend"] == "ort":
-        from .export.onnx import ort_session
-
-        sess = ort_session(spec["onnx"], threads=spec["threads"])
-    else:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = spec["threads"]
-        opts.inter_op_num_threads = 1
-        sess = ort.InferenceSession(spec["onnx"], opts, providers=ORT_PROVIDERS[spec["backend"]])
+    sess = ort_session(spec["onnx"], threads=spec["threads"], backend=spec["backend"])
     name = sess.get_inputs()[0].name
     x = np.random.default_rng(0).standard_normal((spec["batch"], *spec["input_size"])).astype(np.float32)
 

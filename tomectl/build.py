@@ -6,7 +6,6 @@ Python API exposes as `tomectl.apply` and `tomectl.load`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -16,31 +15,13 @@ from . import models
 from .adapters import adapter_for
 from .artifact import load_learned
 from .errors import UserError
-from .flops import MacsReport, analytic_macs
 from .recipe import Recipe, check_formulation, check_method, check_method_options
 from .reduce import get_method
+from .reduced import Reduced, Target
 from .schedule import Schedule, resolve, token_counts
 
-
-@dataclass
-class Built:
-    loaded: models.LoadedModel
-    recipe: Recipe
-    removed: list[int]  # tokens removed at each block
-    tokens: list[int]  # tokens entering each block, then the final count
-
-    @property
-    def model(self) -> nn.Module:
-        return self.loaded.model
-
-    def macs(self) -> MacsReport:
-        adapter = adapter_for(self.model)
-        method = get_method(self.recipe.method, self.recipe.method_options)
-        return analytic_macs(adapter.dims(self.model), self.removed, method, self.recipe.formulation)
-
-    def base_macs(self) -> MacsReport:
-        adapter = adapter_for(self.model)
-        return analytic_macs(adapter.dims(self.model), [0] * len(self.removed))
+#: what `build` returns: a reduced model and what it was built from (see `tomectl.reduced`)
+Built = Reduced
 
 
 def plan_for(model: nn.Module, method: str, schedule: Schedule,
@@ -104,8 +85,10 @@ def _weights_from_recipe(recipe: Recipe, weights, random_weights: bool):
 
 
 def build(recipe: Recipe, weights: Optional[str | Path] = None, random_weights: bool = False,
-          track_source: bool = False, allow_untrained: bool = False, **model_kwargs) -> Built:
-    """Create the model of `recipe` and install its reduction (with its learned parameters, if any).
+          track_source: bool = False, allow_untrained: bool = False, target: Target = Target(),
+          **model_kwargs) -> Reduced:
+    """Create the model of `recipe` and install its reduction (with its learned parameters, if any),
+    in the merge formulation `target` gets (see `reduced.Target.formulation_for`).
 
     A learned method whose untrained parameters are meaningless (PatchMerger, LTM) is refused
     without `recipe.learned` unless `allow_untrained` (what `tomectl train` starts from)."""
@@ -121,7 +104,8 @@ def build(recipe: Recipe, weights: Optional[str | Path] = None, random_weights: 
     for key, value in (("removed_per_layer", removed), ("tokens_per_layer", tokens)):
         if key in recipe.resolved and list(recipe.resolved[key]) != value:
             raise UserError(f"recipe's {key} {recipe.resolved[key]} does not match its schedule ({value})")
-    install(loaded.model, recipe.method, removed, recipe.prop_attn, recipe.formulation, track_source,
+    formulation, _ = target.formulation_for(recipe.formulation)
+    install(loaded.model, recipe.method, removed, recipe.prop_attn, formulation, track_source,
             recipe.method_options)
     method = get_method(recipe.method, recipe.method_options)
     if method.learned:
@@ -132,4 +116,4 @@ def build(recipe: Recipe, weights: Optional[str | Path] = None, random_weights: 
                 f"method {recipe.method!r} needs trained parameters and none are given; train them with "
                 f"`tomectl train {recipe.model} --method {recipe.method} ...` and use the artifact it writes"
             )
-    return Built(loaded=loaded, recipe=recipe, removed=removed, tokens=tokens)
+    return Reduced(loaded, recipe, target)

@@ -5,7 +5,7 @@ engine. Images are decoded once; each batch goes through the target and through 
 reference, so the comparison is image by image on exactly the same inputs:
 
 - torch targets: the reference is the same model object with the reduction switched off
-  (`adapter.remove`, re-installed after each batch): same weights, timm's own forward;
+  (`reduced.reduction_off`, switched back on after each batch): same weights, timm's own forward;
 - ONNX / engine targets: the reference is the recipe of the export's sidecar JSON built in torch,
   or no comparison (with a note saying why) when there is no sidecar.
 
@@ -35,9 +35,8 @@ The JSON form (`EvalResult.to_dict`, `--json`, `--out`), schema_version 1:
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -51,6 +50,10 @@ from .errors import UserError
 from .metrics import Comparison, compare, topk_accuracy
 from .provenance import machine, now, versions
 from .recipe import Recipe
+from .reduced import reduction_off
+from .runtime import Runner, engine_runner, ort_runner, predict, torch_runner
+
+__all__ = ["EvalResult", "evaluate", "predict", "reduction_off", "torch_runner", "unreduced_runner"]
 
 SCHEMA_VERSION = 1
 ONNX_SUFFIXES = (".onnx",)
@@ -59,8 +62,6 @@ RANDOM_REFUSAL = (
     "{what} has random weights (made with --random-weights): its accuracy means nothing; "
     "evaluate a model with real weights (--weights FILE or TOMECTL_WEIGHTS_DIR)"
 )
-
-Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -119,40 +120,6 @@ class EvalResult:
 # Running models on batches
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def torch_runner(model: torch.nn.Module) -> Runner:
-    """A callable image batch -> logits (CPU float) for a torch model, under inference_mode."""
-    device = _device_of(model)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return model(x.to(device)).float().cpu()
-
-    return run
-
-
-@contextlib.contextmanager
-def reduction_off(model: torch.nn.Module):
-    """Temporarily the plain timm model (same weights), the reduction re-installed afterwards."""
-    plan = getattr(model, "tomectl_plan", None)
-    if plan is None:
-        yield model
-        return
-    from .adapters import adapter_for
-
-    adapter = adapter_for(model)
-    modules = getattr(model, "tomectl_modules", None)  # learned parameters go back with the plan
-    adapter.remove(model)
-    try:
-        yield model
-    finally:
-        adapter.install(model, plan, modules=modules)
-
-
 def unreduced_runner(model: torch.nn.Module) -> Runner:
     """Runner for the reduced `model` with its reduction switched off (the unreduced reference)."""
     run = torch_runner(model)
@@ -162,80 +129,6 @@ def unreduced_runner(model: torch.nn.Module) -> Runner:
             return run(x)
 
     return run_off
-
-
-def predict(model: torch.nn.Module, images_or_loader: Union[torch.Tensor, Iterable], *, batch_size: int = 64,
-            progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
-    """Logits [N, classes] of a torch model, batched, under inference_mode.
-
-    `images_or_loader`: a tensor [N, 3, H, W], or an iterable of `data.Batch` (from `data.loader`)
-    or of plain tensors; with a loader, undecodable images are simply absent from the result.
-    `progress(k)` is called with the number of images done after each batch.
-    """
-    run = torch_runner(model)
-    if isinstance(images_or_loader, torch.Tensor):
-        batches: Iterable = images_or_loader.split(batch_size)
-    else:
-        batches = images_or_loader
-    out = []
-    for b in batches:
-        x = b.images if isinstance(b, data_mod.Batch) else b
-        if len(x):
-            out.append(run(x))
-        if progress is not None:
-            progress(len(x) + (len(b.skipped) if isinstance(b, data_mod.Batch) else 0))
-    if not out:
-        return torch.empty(0, 0)
-    return torch.cat(out)
-
-
-class StaticBatchRunner:
-    """Feeds a fixed-batch graph (ONNX, TensorRT engine) any number of images: chunks, the last
-    one padded with zeros, padding dropped from the output."""
-
-    def __init__(self, run: Callable, batch: Optional[int], numpy_io: bool):
-        self.run, self.batch, self.numpy_io = run, batch, numpy_io
-
-    def _call(self, x: torch.Tensor) -> torch.Tensor:
-        if self.numpy_io:
-            return torch.from_numpy(self.run(x.numpy())).float()
-        return self.run(x).float().cpu()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().cpu().float().contiguous()
-        if self.batch is None:
-            return self._call(x)
-        outs = []
-        for i in range(0, len(x), self.batch):
-            chunk = x[i:i + self.batch]
-            k = len(chunk)
-            if k < self.batch:
-                chunk = torch.cat([chunk, chunk.new_zeros(self.batch - k, *chunk.shape[1:])])
-            outs.append(self._call(chunk)[:k])
-        return torch.cat(outs)
-
-
-def ort_runner(path: str | Path, threads: Optional[int] = None) -> tuple[StaticBatchRunner, Optional[list]]:
-    """(runner, input size [3, H, W] or None) for an ONNX file, through tomectl's onnxruntime session."""
-    from .export.onnx import ort_session
-
-    session = ort_session(path, threads=threads)
-    inp = session.get_inputs()[0]
-    shape = list(inp.shape)
-    batch = shape[0] if isinstance(shape[0], int) else None
-    size = [int(d) for d in shape[1:]] if all(isinstance(d, int) for d in shape[1:]) else None
-    return StaticBatchRunner(lambda a: session.run(None, {inp.name: a})[0], batch, numpy_io=True), size
-
-
-def engine_runner(path: str | Path) -> tuple[StaticBatchRunner, Optional[list[int]]]:
-    """(runner, input size) for a TensorRT engine (UserError without TensorRT or a GPU)."""
-    try:
-        from .export.tensorrt import TrtRunner
-    except ImportError as e:
-        raise UserError(f"evaluating a TensorRT engine needs tomectl's TensorRT support ({e})") from None
-    trt = TrtRunner(path)
-    shape = list(trt.input_shape)
-    return StaticBatchRunner(trt, int(shape[0]), numpy_io=True), [int(d) for d in shape[1:]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,6 +266,35 @@ def backend_of(target) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _run(loader, t: _Target, total: int, threads: Optional[int], progress):
+    """Every batch through the target and its reference: (logits, reference logits or None, labels,
+    skipped indices, seconds); logits None when nothing decoded."""
+    logits, ref_logits, labels, skipped = [], [], [], []
+    done = 0
+    start = time.perf_counter()
+    prev_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        for b in loader:
+            skipped.extend(b.skipped)
+            if len(b.images):
+                logits.append(t.runner(b.images))
+                if t.reference is not None:
+                    ref_logits.append(t.reference(b.images))
+                labels.append(b.labels)
+            done += len(b.images) + len(b.skipped)
+            if progress is not None:
+                progress(done, total)
+    finally:
+        torch.set_num_threads(prev_threads)
+    seconds = time.perf_counter() - start
+    if not logits:
+        return None, None, None, skipped, seconds
+    ref = torch.cat(ref_logits) if ref_logits else None
+    return torch.cat(logits), ref, torch.cat(labels), skipped, seconds
+
+
 def evaluate(
     target: Union[Recipe, Built, str, Path],
     data: str | Path,
@@ -415,34 +337,11 @@ def evaluate(
             )
 
     loader = data_mod.loader(samples, t.preproc, resize=resize, batch_size=batch_size, workers=workers)
-    logits, ref_logits, labels, skipped = [], [], [], []
-    done = 0
-    start = time.perf_counter()
-    prev_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        for b in loader:
-            skipped.extend(b.skipped)
-            if len(b.images):
-                logits.append(t.runner(b.images))
-                if t.reference is not None:
-                    ref_logits.append(t.reference(b.images))
-                labels.append(b.labels)
-            done += len(b.images) + len(b.skipped)
-            if progress is not None:
-                progress(done, len(samples))
-    finally:
-        torch.set_num_threads(prev_threads)
-    seconds = time.perf_counter() - start
-    if not logits:
+    out, ref, y, skipped, seconds = _run(loader, t, len(samples), threads, progress)
+    if out is None:
         raise UserError(f"none of the {len(samples)} images under {data} could be decoded")
-    out = torch.cat(logits)
-    y = torch.cat(labels)
 
-    comparison = None
-    if t.reference is not None:
-        comparison = compare(torch.cat(ref_logits), out, y)
+    comparison = compare(ref, out, y) if ref is not None else None
     lab = y >= 0
     n_lab = int(lab.sum())
     top1 = top5 = None

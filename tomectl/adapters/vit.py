@@ -117,16 +117,38 @@ def protected_tokens(model) -> int:
 
 class ReducedViT:
     """Mixin placed in front of the model's own class by `install` (the model keeps its weights,
-    its state_dict keys and isinstance checks)."""
+    its state_dict keys and isinstance checks).
+
+    timm's three entry points agree: ``forward(x) == forward_head(forward_features(x))``. For an
+    average-pool model whose tokens were merged, `forward_features` returns the final tokens
+    already scaled by ``s_i * n / sum(s)``, so that timm's own mean in `forward_head` is the
+    size-weighted one (token-pool models get their tokens unchanged). `forward_intermediates`
+    (per-block features) is refused with one line while the reduction is on: the blocks' token
+    counts differ, and timm's callers expect the full grid.
+
+    While the reduction is switched off (`set_enabled(model, False)`), every entry point is timm's
+    own, so the model computes exactly what the plain timm model computes.
+    """
 
     def forward_features(self, x, attn_mask=None, is_causal=False):
-        _refuse_masks(attn_mask, is_causal)
-        return self.forward_tokens(x)[0]
-
-    def forward(self, x, attn_mask=None, is_causal=False):
+        if not self._tomectl_enabled:
+            return _plain(self).forward_features(self, x, **_mask_kwargs(attn_mask, is_causal))
         _refuse_masks(attn_mask, is_causal)
         x, state = self.forward_tokens(x)
-        return self.forward_head(_weight_for_pool(self, x, state))
+        return _weight_for_pool(self, x, state)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        if not self._tomectl_enabled:
+            return _plain(self).forward(self, x, **_mask_kwargs(attn_mask, is_causal))
+        return self.forward_head(self.forward_features(x, attn_mask, is_causal))
+
+    def forward_intermediates(self, *args, **kwargs):
+        if not self._tomectl_enabled or not self.tomectl_plan.active:
+            return _plain(self).forward_intermediates(self, *args, **kwargs)
+        raise UserError(
+            "forward_intermediates is not available on a token-reduced model (its blocks see fewer "
+            "tokens than the patch grid); switch the reduction off or remove it first"
+        )
 
     def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenState]:
         """Image [B, 3, H, W] -> final normalised tokens [B, N_L, C] and their TokenState."""
@@ -144,6 +166,21 @@ class ReducedViT:
             x, state = _block_forward(blk, taps, x, state, amount, self._tomectl_method, plan, i, n_layers,
                                       module)
         return self.norm(x), state
+
+
+def _plain(model) -> type:
+    """The model's own timm class (the one after the mixin)."""
+    return type(model).__mro__[2]
+
+
+def _mask_kwargs(attn_mask, is_causal) -> dict:
+    """timm's forward takes attn_mask/is_causal only in newer releases: pass them only when given."""
+    out = {}
+    if attn_mask is not None:
+        out["attn_mask"] = attn_mask
+    if is_causal:
+        out["is_causal"] = is_causal
+    return out
 
 
 def _refuse_masks(attn_mask, is_causal) -> None:
@@ -288,8 +325,34 @@ def install(model: nn.Module, plan: ReductionPlan, modules: Optional[nn.ModuleDi
         del model.tomectl_modules
     model._tomectl_method = method
     model.tomectl_plan = plan
+    if not hasattr(model, "_tomectl_enabled"):
+        model._tomectl_enabled = True
     model.__class__ = _reduced_class(type(model))
     return model
+
+
+def plan_of(model: nn.Module) -> Optional[ReductionPlan]:
+    """The plan installed in `model`, or None for a plain model."""
+    return model.tomectl_plan if isinstance(model, ReducedViT) else None
+
+
+def learned_modules(model: nn.Module) -> Optional[nn.ModuleDict]:
+    """The learned method's parameters installed in `model` (a ModuleDict by block), or None."""
+    return getattr(model, "tomectl_modules", None) if isinstance(model, ReducedViT) else None
+
+
+def set_enabled(model: nn.Module, on: bool) -> bool:
+    """Switch an installed reduction on or off without reinstalling it (hooks, plan and learned
+    modules stay); returns the previous state. Off, the model runs timm's own forward."""
+    if not isinstance(model, ReducedViT):
+        raise ValueError("no reduction is installed in this model")
+    before = model._tomectl_enabled
+    model._tomectl_enabled = bool(on)
+    return before
+
+
+def is_enabled(model: nn.Module) -> bool:
+    return isinstance(model, ReducedViT) and model._tomectl_enabled
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -297,7 +360,8 @@ def remove(model: nn.Module) -> nn.Module:
     if isinstance(model, ReducedViT):
         for h in model._tomectl_hooks:
             h.remove()
-        for attr in ("_tomectl_taps", "_tomectl_hooks", "_tomectl_method", "tomectl_plan"):
+        for attr in ("_tomectl_taps", "_tomectl_hooks", "_tomectl_method", "tomectl_plan",
+                     "_tomectl_enabled"):
             delattr(model, attr)
         if hasattr(model, "tomectl_modules"):
             del model.tomectl_modules

@@ -61,7 +61,10 @@ def bench(
     rounds: int = typer.Option(1, "--rounds", help="Run everything round-robin this many times (pooled)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
     prop_attn: bool = common.PropAttn,
-    formulation: str = common.Formulation,
+    formulation: Optional[str] = typer.Option(
+        None, "--formulation",
+        help="Merge formulation on every backend: scatter or onehot (default: scatter in torch, onehot in "
+        "the ONNX/TensorRT graphs, as `tomectl export` writes them)."),
     weights: Optional[Path] = common.Weights,
     random_weights: bool = common.RandomWeights,
     report: Optional[Path] = typer.Option(None, "--report", help="Write report.json/.md/.png here."),
@@ -69,6 +72,10 @@ def bench(
     json_: bool = common.Json,
 ) -> None:
     """Time a model at several schedules, backends and batch sizes, each in its own process."""
+    if formulation is not None:
+        from ..recipe import check_formulation
+
+        check_formulation(formulation, "--formulation")
     rs = common.parse_int_list(r, "--r") or []
     batches = common.parse_int_list(batch, "--batch") or []
     backends = [b.strip() for b in backend.split(",") if b.strip()]

@@ -23,7 +23,6 @@ chosen per backend unless asked for:
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +30,11 @@ from typing import Optional
 
 from ..errors import UserError
 from ..recipe import Recipe, check_formulation
+from ..reduced import GRAPH_FORMULATION
 from .onnx import DEFAULT_CHECK_IMAGES, ExportCheckError, OnnxExportResult, Progress, export_onnx
 
-DEFAULT_FORMULATION = {"onnxruntime": "onehot", "tensorrt": "onehot"}
+# what reduced.Target.formulation_for gives each graph runtime
+DEFAULT_FORMULATION = {"onnxruntime": GRAPH_FORMULATION, "tensorrt": GRAPH_FORMULATION}
 DEFAULT_CHECK_IMAGES_TRT = 64
 
 
@@ -67,6 +68,24 @@ def _check_outputs(paths: list[Path], force: bool) -> None:
                 raise UserError(f"{f} already exists; pass --force to replace it")
 
 
+def _check_request(onnx_out, trt_out, batch: int, precision: str, check_images, calib_images,
+                   force: bool) -> None:
+    """Everything about the request that can be refused before any model is built."""
+    if onnx_out is None and trt_out is None:
+        raise UserError("say what to write: --onnx FILE, --trt FILE, or both")
+    if batch < 1:
+        raise UserError(f"--batch must be at least 1, got {batch}")
+    if trt_out is None and precision != "fp32":
+        raise UserError(
+            "--precision applies to TensorRT engines (--trt FILE); ONNX graphs are written in fp32"
+        )
+    if check_images is not None and check_images < 1:
+        raise UserError(f"--check-images must be at least 1, got {check_images}")
+    _check_outputs([Path(p) for p in (onnx_out, trt_out) if p is not None], force)
+    if calib_images is not None and not Path(calib_images).is_dir():
+        raise UserError(f"--calib-images {calib_images} is not a folder of images")
+
+
 def export(
     recipe: Recipe,
     *,
@@ -86,99 +105,43 @@ def export(
     force: bool = False,
     progress: Progress = None,
 ) -> ExportReport:
-    """Build the model `recipe` describes and export it (ONNX, TensorRT or both)."""
-    from ..adapters import adapter_for
+    """Build the model `recipe` describes for its target and export it (ONNX, TensorRT or both)."""
     from ..build import build
-    from ..models import preprocessing
+    from ..reduced import Target
     from .onnx import check_inputs_for
 
-    if onnx_out is None and trt_out is None:
-        raise UserError("say what to write: --onnx FILE, --trt FILE, or both")
-    if batch < 1:
-        raise UserError(f"--batch must be at least 1, got {batch}")
-    if trt_out is None and precision != "fp32":
-        raise UserError(
-            "--precision applies to TensorRT engines (--trt FILE); ONNX graphs are written in fp32"
-        )
-    if check_images is not None and check_images < 1:
-        raise UserError(f"--check-images must be at least 1, got {check_images}")
-    _check_outputs([Path(p) for p in (onnx_out, trt_out) if p is not None], force)
-    if calib_images is not None and not Path(calib_images).is_dir():
-        raise UserError(f"--calib-images {calib_images} is not a folder of images")
-
+    _check_request(onnx_out, trt_out, batch, precision, check_images, calib_images, force)
+    if formulation is not None:
+        check_formulation(formulation, "--formulation")
     tensorrt = None
     if trt_out is not None:  # fail before the minutes of export when TensorRT cannot run here
         from . import tensorrt
 
-        trt = tensorrt.require_tensorrt()
-        tensorrt.plan_build(trt.__version__, precision)
-
-    backend = "tensorrt" if trt_out is not None else "onnxruntime"
-    if formulation is None:
-        formulation, reason = DEFAULT_FORMULATION[backend], f"default for {backend}"
-    else:
-        check_formulation(formulation, "--formulation")
-        reason = "asked for"
-
-    built = build(recipe, weights=weights, random_weights=random_weights)
-    model = built.model
-    adapter = adapter_for(model)
-    adapter.install(
-        model, dataclasses.replace(model.tomectl_plan, formulation=formulation, track_source=False)
-    )
-    pre = preprocessing(model)
+        tensorrt.plan_build(tensorrt.require_tensorrt().__version__, precision)
+    target = Target.for_export(trt_out is not None, batch, precision, formulation)
+    reduced = build(recipe, weights=weights, random_weights=random_weights, target=target)
+    formulation, reason = target.formulation_for(recipe.formulation)
     n = check_images or (DEFAULT_CHECK_IMAGES_TRT if trt_out is not None else DEFAULT_CHECK_IMAGES)
     if progress:
         progress("loading check images...")
-    inputs = check_inputs_for(model, max(n, batch), calib_images)
-    macs, base = built.macs().gmacs, built.base_macs().gmacs
-    meta = {
-        "model": recipe.model,
-        "weights": built.loaded.weights.to_dict(),
-        "recipe": dataclasses.replace(recipe, formulation=formulation).to_dict(),
-        "gmacs": round(macs, 4),
-        "gmacs_base": round(base, 4),
-    }
+    inputs = check_inputs_for(reduced.model, max(n, batch), calib_images)
     report = ExportReport(
-        model=recipe.model,
-        method=recipe.method,
-        schedule=recipe.schedule.describe(),
-        tokens_per_layer=built.tokens,
-        gmacs_base=base,
-        gmacs=macs,
-        formulation=formulation,
-        formulation_reason=reason,
-        weights=built.loaded.weights.to_dict(),
+        model=recipe.model, method=recipe.method, schedule=recipe.schedule.describe(),
+        tokens_per_layer=reduced.tokens, gmacs_base=reduced.base_macs().gmacs, gmacs=reduced.macs().gmacs,
+        formulation=formulation, formulation_reason=reason, weights=reduced.loaded.weights.to_dict(),
     )
-
     with tempfile.TemporaryDirectory(prefix="tomectl-export-") as td:
         onnx_path = Path(onnx_out) if onnx_out is not None else Path(td) / "model.onnx"
-        report.onnx = export_onnx(
-            model,
-            onnx_path,
-            batch=batch,
-            input_size=pre["input_size"],
-            check_inputs=inputs,
-            simplify=simplify,
-            meta=meta,
-            progress=progress,
-        )
+        report.onnx = reduced.export_onnx(onnx_path, check_inputs=inputs, simplify=simplify,
+                                          progress=progress)
         if onnx_out is None:
             report.onnx.path = report.onnx.sidecar = None
         if trt_out is not None:
             kwargs = {} if workspace_gb is None else {"workspace_gb": workspace_gb}
             report.engine = tensorrt.build_engine(
-                onnx_path,
-                trt_out,
-                precision=precision,
-                batch=batch,
-                calib_images=inputs.images,
-                check_images=inputs.images,
-                timing_cache=timing_cache,
-                min_agreement=min_agreement,
-                meta={**meta, "formulation": formulation},
-                progress=progress,
-                **kwargs,
+                onnx_path, trt_out, precision=precision, batch=batch, calib_images=inputs.images,
+                check_images=inputs.images, timing_cache=timing_cache, min_agreement=min_agreement,
+                meta={**reduced.sidecar_meta(), "formulation": formulation}, progress=progress, **kwargs,
             )
     return report
 

@@ -43,6 +43,9 @@ from torch import nn
 
 from ..artifact import atomic_file, write_json
 from ..errors import UserError
+from ..runtime import chunks, ort_session, run_session
+
+_chunks = chunks  # older name, still imported by export/tensorrt.py
 
 OPSET = 18  # the exporter's native opset; TensorRT 10 parses it (Gelu stays decomposed into Erf)
 INPUT_NAME = "input"
@@ -182,18 +185,6 @@ def check_graph(path: str | Path) -> None:
         raise ExportCheckError(f"the exported graph fails onnx.checker: {_first_line(e)}") from e
 
 
-def ort_session(path: str | Path, threads: Optional[int] = None):
-    """An onnxruntime CPU session (full graph optimisation; `threads` intra-op threads)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3  # errors only: constant-folding notes are not for users
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def load_session(path: str | Path, threads: Optional[int] = None):
     """`ort_session`, with a graph onnxruntime refuses turned into an ExportCheckError."""
     try:
@@ -202,36 +193,17 @@ def load_session(path: str | Path, threads: Optional[int] = None):
         raise ExportCheckError(f"onnxruntime cannot load the exported graph: {_first_line(e)}") from e
 
 
-def _chunks(images: torch.Tensor, batch: int):
-    """Fixed-size batches; the last one is padded by repeating its first image."""
-    n = images.shape[0]
-    for start in range(0, n, batch):
-        chunk = images[start : start + batch]
-        real = chunk.shape[0]
-        if real < batch:
-            chunk = torch.cat([chunk, chunk[:1].expand(batch - real, *chunk.shape[1:])])
-        yield chunk, real
-
-
-def run_session(session, images: torch.Tensor, batch: int) -> np.ndarray:
-    """Logits of a fixed-batch session for any number of images."""
-    name = session.get_inputs()[0].name
-    out = []
-    for chunk, real in _chunks(images, batch):
-        out.append(session.run(None, {name: chunk.numpy().astype(np.float32, copy=False)})[0][:real])
-    return np.concatenate(out)
-
-
 @torch.no_grad()
 def run_torch(model: nn.Module, images: torch.Tensor, batch: int) -> np.ndarray:
     """PyTorch logits in the same fixed-size batches the exported graph sees."""
     out = []
-    for chunk, real in _chunks(images, batch):
+    for chunk, real in chunks(images, batch):
         out.append(model(chunk).float().numpy()[:real])
     return np.concatenate(out)
 
 
-def compare(reference: np.ndarray, logits: np.ndarray) -> Parity:
+def parity(reference: np.ndarray, logits: np.ndarray) -> Parity:
+    """Max |logit difference| and top-1 agreement of `logits` against `reference` (fp32 parity)."""
     reference = np.asarray(reference, dtype=np.float64)
     logits = np.asarray(logits, dtype=np.float64)
     diff = float(np.abs(reference - logits).max()) if reference.size else 0.0
@@ -331,23 +303,6 @@ def check_inputs_for(
 # --- the export ---------------------------------------------------------------------------------
 
 
-def _reduction_summary(model: nn.Module) -> Optional[dict]:
-    plan = getattr(model, "tomectl_plan", None)
-    if plan is None:
-        return None
-    from ..adapters import adapter_for
-    from ..schedule import token_counts
-
-    n = adapter_for(model).num_tokens(model)
-    return {
-        "method": plan.method,
-        "removed_per_layer": list(plan.removed),
-        "tokens_per_layer": token_counts(plan.removed, n),
-        "prop_attn": plan.prop_attn,
-        "formulation": plan.formulation,
-    }
-
-
 def _preprocessing_or_none(model: nn.Module) -> Optional[dict]:
     from ..models import preprocessing
 
@@ -369,37 +324,36 @@ def export_onnx(
     opset: int = OPSET,
     meta: Optional[dict] = None,
     progress: Progress = None,
+    reduction: Optional[dict] = None,
 ) -> OnnxExportResult:
     """Export `model` at a fixed `batch` to `out` (+ `<out>.json`), checked as the module says.
 
     check_inputs: preprocessed images [N, 3, H, W] (or a CheckInputs); None: the shared
                   calibration images when present, else random inputs (with a note).
     meta:         extra entries for the sidecar (model name, weights, recipe).
+    reduction:    the reduction's summary for the sidecar (`Reduced.summary`); by default read from
+                  the model (None for a plain model).
     Raises ExportCheckError (nothing written) when a check fails.
     """
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")
     say = progress or (lambda msg: None)
     out = Path(out)
+    if reduction is None:
+        from ..reduced import summary_of
+
+        reduction = summary_of(model)
     t0 = time.perf_counter()
     model.eval()
     notes: list[str] = []
 
-    if check_inputs is None:
-        say("loading check images...")
-        check_inputs = check_inputs_for(model, DEFAULT_CHECK_IMAGES, input_size=input_size)
-    if isinstance(check_inputs, torch.Tensor):
-        check_inputs = CheckInputs(check_inputs, f"{len(check_inputs)} given inputs")
+    check_inputs = _as_check_inputs(check_inputs, model, input_size, say)
     if check_inputs.warning:
         notes.append(check_inputs.warning)
     images = check_inputs.images.float()
-    if tuple(images.shape[1:]) != tuple(input_size):
-        raise UserError(
-            f"check images have shape {tuple(images.shape[1:])}, the model takes {tuple(input_size)}"
-        )
 
     say(f"exporting at batch {batch}...")
-    example = images[:batch] if len(images) >= batch else next(_chunks(images, batch))[0]
+    example = images[:batch] if len(images) >= batch else next(chunks(images, batch))[0]
     proto = export_graph(model, example.contiguous(), opset)
     nodes = len(proto.graph.node)
     say(f"checking {nodes} nodes against PyTorch on {check_inputs.source}...")
@@ -411,74 +365,54 @@ def export_onnx(
         _save(proto, raw)
         parity = graph_parity(raw, reference, images, batch, model, atol)
         if not parity.passed(atol):
-            raise ExportCheckError(
-                f"the exported graph does not match PyTorch ({parity.describe()}; "
-                f"need <= {atol:g} and 100 %); "
-                f"nothing was written to {out}"
-            )
+            raise ExportCheckError(f"the exported graph does not match PyTorch ({parity.describe()}; "
+                                   f"need <= {atol:g} and 100 %); nothing was written to {out}")
         chosen, final_parity, nodes_simplified, simplified = raw, parity, None, False
         if simplify:
             say("simplifying with onnxslim...")
-            slim, why = _try_simplify(proto)
-            if slim is None:
-                notes.append(why)
-            else:
-                nodes_simplified = len(slim.graph.node)
-                grew = slim.ByteSize() / max(proto.ByteSize(), 1)
-                if nodes_simplified >= nodes:
-                    notes.append(f"onnxslim gave {nodes_simplified} nodes for {nodes}: kept the exported one")
-                elif grew > SLIM_MAX_GROWTH:
-                    notes.append(
-                        f"onnxslim's graph is {grew:.2f}x larger (constants folded in): kept the exported one"
-                    )
-                else:
-                    slim_path = Path(td) / "simplified.onnx"
-                    _save(slim, slim_path)
-                    try:
-                        slim_parity = graph_parity(slim_path, reference, images, batch, model, atol)
-                    except ExportCheckError:
-                        slim_parity = None
-                    if slim_parity is not None and slim_parity.passed(atol):
-                        chosen, final_parity, simplified, proto = slim_path, slim_parity, True, slim
-                    else:
-                        notes.append("onnxslim's graph lost parity with PyTorch: kept the exported graph")
+            def check(path: Path) -> Parity:
+                return graph_parity(path, reference, images, batch, model, atol)
+
+            nodes_simplified, slim = _simplified(proto, Path(td) / "simplified.onnx", notes, check, atol)
+            if slim is not None:
+                chosen, final_parity, simplified, proto = slim
 
         if final_parity.near_ties:
-            notes.append(
-                f"{final_parity.near_ties} of {final_parity.n} check inputs sit on a merge near-tie "
-                "(candidates within rounding): matched against PyTorch on a rounding-sized perturbation"
-            )
+            notes.append(f"{final_parity.near_ties} of {final_parity.n} check inputs sit on a merge "
+                         "near-tie (candidates within rounding): matched against PyTorch on a "
+                         "rounding-sized perturbation")
         from ..models import sha256_of
 
         result = OnnxExportResult(
-            path=str(out),
-            batch=batch,
-            input_name=INPUT_NAME,
-            input_shape=_shape(proto.graph.input[0]),
-            output_name=OUTPUT_NAME,
-            output_shape=_shape(proto.graph.output[0]),
-            opset=opset,
-            nodes=nodes,
-            nodes_simplified=nodes_simplified,
-            simplified=simplified,
-            max_abs_diff=final_parity.max_abs_diff,
-            top1_agreement=final_parity.top1_agreement,
-            n_check=final_parity.n,
+            path=str(out), batch=batch, input_name=INPUT_NAME, input_shape=_shape(proto.graph.input[0]),
+            output_name=OUTPUT_NAME, output_shape=_shape(proto.graph.output[0]), opset=opset, nodes=nodes,
+            nodes_simplified=nodes_simplified, simplified=simplified, max_abs_diff=final_parity.max_abs_diff,
+            top1_agreement=final_parity.top1_agreement, n_check=final_parity.n,
             near_ties=final_parity.near_ties,
             exporter=f"torch.onnx (torch.export-based, torch {torch.__version__})",
-            check_source=check_inputs.source,
-            op_counts=op_counts(proto),
-            formulation=getattr(getattr(model, "tomectl_plan", None), "formulation", None),
-            sidecar=str(sidecar),
-            sha256=sha256_of(chosen),
+            check_source=check_inputs.source, op_counts=op_counts(proto),
+            formulation=(reduction or {}).get("formulation"), sidecar=str(sidecar), sha256=sha256_of(chosen),
             notes=notes,
         )
         result.seconds = round(time.perf_counter() - t0, 2)
         with atomic_file(sidecar) as tmp_json, atomic_file(out) as tmp_onnx:
             shutil.copyfile(chosen, tmp_onnx)
-            write_json(tmp_json, sidecar_document(result, model, atol, meta))
+            write_json(tmp_json, sidecar_document(result, model, atol, meta, reduction))
             readable(tmp_onnx, tmp_json)
     return result
+
+
+def _as_check_inputs(check_inputs, model: nn.Module, input_size: Sequence[int], say) -> CheckInputs:
+    """The parity check's inputs: as given (a tensor or CheckInputs), else the default images."""
+    if check_inputs is None:
+        say("loading check images...")
+        check_inputs = check_inputs_for(model, DEFAULT_CHECK_IMAGES, input_size=input_size)
+    if isinstance(check_inputs, torch.Tensor):
+        check_inputs = CheckInputs(check_inputs, f"{len(check_inputs)} given inputs")
+    shape = tuple(check_inputs.images.shape[1:])
+    if shape != tuple(input_size):
+        raise UserError(f"check images have shape {shape}, the model takes {tuple(input_size)}")
+    return check_inputs
 
 
 def graph_parity(
@@ -501,8 +435,8 @@ def graph_parity(
     ties = 0
     if model is not None:  # ties are told apart at the strict tolerance even where `atol` is looser
         reference, ties = near_tie_reference(model, images, reference, logits, min(atol, ATOL))
-    parity = compare(reference, logits)
-    return Parity(parity.max_abs_diff, parity.top1_agreement, parity.n, ties)
+    p = parity(reference, logits)
+    return Parity(p.max_abs_diff, p.top1_agreement, p.n, ties)
 
 
 @torch.no_grad()
@@ -544,6 +478,33 @@ def near_tie_reference(
     return reference, resolved
 
 
+def _simplified(proto, path: Path, notes: list, check: Callable[[Path], Parity], atol: float):
+    """onnxslim's version of `proto`, kept only where it has fewer nodes, does not grow the file and
+    passes `check` at `atol`: (its node count or None, (path, parity, True, graph) or None). Why it
+    was not kept goes into `notes`."""
+    slim, why = _try_simplify(proto)
+    if slim is None:
+        notes.append(why)
+        return None, None
+    nodes, n_slim = len(proto.graph.node), len(slim.graph.node)
+    grew = slim.ByteSize() / max(proto.ByteSize(), 1)
+    if n_slim >= nodes:
+        notes.append(f"onnxslim gave {n_slim} nodes for {nodes}: kept the exported one")
+        return n_slim, None
+    if grew > SLIM_MAX_GROWTH:
+        notes.append(f"onnxslim's graph is {grew:.2f}x larger (constants folded in): kept the exported one")
+        return n_slim, None
+    _save(slim, path)
+    try:
+        slim_parity = check(path)
+    except ExportCheckError:
+        slim_parity = None
+    if slim_parity is None or not slim_parity.passed(atol):
+        notes.append("onnxslim's graph lost parity with PyTorch: kept the exported graph")
+        return n_slim, None
+    return n_slim, (path, slim_parity, True, slim)
+
+
 def _try_simplify(proto):
     """(simplified graph, None) or (None, why not)."""
     try:
@@ -555,7 +516,8 @@ def _try_simplify(proto):
     return slim, None
 
 
-def sidecar_document(result: OnnxExportResult, model: nn.Module, atol: float, meta: Optional[dict]) -> dict:
+def sidecar_document(result: OnnxExportResult, model: nn.Module, atol: float, meta: Optional[dict],
+                     reduction: Optional[dict] = None) -> dict:
     from ..provenance import now, versions
 
     doc = {
@@ -570,7 +532,7 @@ def sidecar_document(result: OnnxExportResult, model: nn.Module, atol: float, me
         "output": {"name": result.output_name, "shape": result.output_shape, "dtype": "float32"},
         "batch": result.batch,
         "preprocessing": _preprocessing_or_none(model),
-        "reduction": _reduction_summary(model),
+        "reduction": reduction,
         "graph": {
             "opset": result.opset,
             "nodes": result.nodes,
@@ -595,3 +557,6 @@ def sidecar_document(result: OnnxExportResult, model: nn.Module, atol: float, me
     if meta:
         doc.update(meta)
     return doc
+
+
+compare = parity  # the older name (export/tensorrt.py)
