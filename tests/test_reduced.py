@@ -155,11 +155,17 @@ def test_bench_and_calibrate_time_the_bytes_export_writes(tmp_path):
     assert row.error is None and row.formulation == "onehot"
     assert row.graph_sha256 == shipped
 
+    # calibrate's latency measurement: the schedule as its search builds it (per-layer removals, the
+    # weights calibrate loaded), on the budget's backend and batch
     from tomectl.artifact import read
+    from tomectl.calibrate.budget import Budget
+    from tomectl.calibrate.search import _measure
 
     recipe, _ = read(art)
-    stats = measure_latency(recipe, "ort", 2, iters=1, warmup=0, random_weights=False)
+    per_layer = Recipe(TINY, Schedule(per_layer=tuple(build(recipe).removed)), weights={"source": "random"})
+    stats = _measure(per_layer, Budget.parse(speedup=1.2, backend="ort", batch=2), threads=None)
     assert stats.graph_sha256 == shipped
+    assert measure_latency(recipe, "ort", 2, iters=1, warmup=0, random_weights=False).graph_sha256 == shipped
 
     # the bench row's GMACs are FlopCounterMode's on the graph's formulation
     measured = build(recipe, target=Target("ort", batch=2)).measured_macs() / 1e9
@@ -191,3 +197,31 @@ def test_only_the_adapter_and_reduced_read_the_adapters_attributes():
                     and name != "tomectl_version":
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
     assert offenders == []
+
+
+def test_latency_search_measures_with_the_models_weights():
+    from tomectl.calibrate.budget import Budget
+    from tomectl.calibrate.search import search_latency
+    from tomectl.calibrate.space import _space_for
+    from tomectl.models import create
+
+    loaded = create(TINY, random_weights=True)
+    space = _space_for(loaded.model, ["tome"], {}, "onehot")
+    seen = []
+
+    class Stats:
+        def __init__(self, ms):
+            self.p50, self.spread, self.graph_sha256 = ms, 0.01, "x"
+
+    def measure(rec):
+        seen.append(rec.weights)
+        return Stats(10.0 - 0.3 * sum(rec.schedule.per_layer))
+
+    res = search_latency(space, TINY, "tome", Budget.parse(speedup=1.5, backend="ort"), measure=measure,
+                         weights={"source": "random"})
+    assert seen and all(w == {"source": "random"} for w in seen)
+    assert all(c.graph_sha256 == "x" for c in res.measured)
+    # priced in the onehot formulation the ort graph has
+    red = build(Recipe(TINY, Schedule(per_layer=res.measured[res.chosen].removed)), random_weights=True,
+                target=Target("ort"))
+    assert abs(res.measured[res.chosen].gmacs - red.measured_macs() / 1e9) < 0.01 * red.measured_macs() / 1e9

@@ -115,6 +115,22 @@ def summary_of(model: nn.Module) -> Optional[dict]:
             "prop_attn": plan.prop_attn, "formulation": plan.formulation}
 
 
+def replan(model: nn.Module, **changes) -> nn.Module:
+    """Install the model's current plan with `changes` (removed, method, options, formulation,
+    prop_attn, track_source); learned modules stay where they still fit. Nothing happens when the
+    plan is unchanged."""
+    adapter = adapter_for(model)
+    plan = adapter.plan_of(model)
+    if plan is None:
+        raise ValueError("no reduction is installed in this model")
+    if "removed" in changes:
+        changes["removed"] = tuple(changes["removed"])
+    new = dataclasses.replace(plan, **changes)
+    if new != plan:
+        adapter.install(model, new)
+    return model
+
+
 @contextlib.contextmanager
 def reduction_off(model: nn.Module):
     """The model computes what the plain timm model computes (same weights) inside the block; the
@@ -204,11 +220,7 @@ class Reduced:
     def replan(self, **changes) -> "Reduced":
         """Install the current plan with `changes` (removed, method, options, formulation,
         prop_attn, track_source) in the same model; learned modules stay where they still fit."""
-        if "removed" in changes:
-            changes["removed"] = tuple(changes["removed"])
-        plan = dataclasses.replace(self.plan, **changes)
-        if plan != self.plan:
-            self.adapter.install(self.model, plan)
+        replan(self.model, **changes)
         return self
 
     def retarget(self, target: Target) -> "Reduced":

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import UserError
 from ..recipe import Recipe
+from ..reduced import Target
 from ..schedule import Schedule
 from .budget import Budget, _check_flops_feasible
 from .scorer import Scorer
@@ -73,6 +74,7 @@ class _Run:
     seed: int
     threads: Optional[int]
     progress: Optional[ProgressFn]
+    weights: Optional[dict] = None  # the model's weights (WeightsInfo.to_dict), for latency measurements
     notes: list[str] = field(default_factory=list)
     base_latency: Optional[float] = None
     n_measured: int = 0
@@ -91,7 +93,7 @@ class _Run:
         lat_method = "tome" if "tome" in self.space.methods else next(iter(self.space.methods))
         measured, idx, self.base_latency, self.n_measured = search_latency(
             self.space, self.model_name, lat_method, self.budget, threads=self.threads,
-            progress=self.progress)
+            progress=self.progress, weights=self.weights)
         cands = list(measured)
         chosen = cands[idx]
         if self.scorer is None:
@@ -110,10 +112,12 @@ class _Run:
     def _check_at_latency(self, best: Candidate, chosen: Candidate) -> Candidate:
         budget = self.budget
         target = budget.value if budget.kind == "latency_ms" else self.base_latency / budget.value
-        rec = Recipe(model=self.model_name, schedule=Schedule(per_layer=best.removed), method=best.method)
+        rec = Recipe(model=self.model_name, schedule=Schedule(per_layer=best.removed), method=best.method,
+                     weights=self.weights)
         stats = _measure(rec, budget, self.threads)
         self.n_measured += 1
         best.latency_ms, best.latency_spread = stats.p50, stats.spread
+        best.graph_sha256 = getattr(stats, "graph_sha256", None)
         if stats.p50 <= target:
             return best
         self.notes.append(f"the best-scoring schedule at {best.gmacs:.3f} GMACs "
@@ -162,13 +166,15 @@ def calibrate(
     if n_images < 8:
         raise UserError(f"--n-images must be at least 8, got {n_images}")
     loaded = models.create(model_name, weights=weights, random_weights=random_weights)
-    space = _space_for(loaded.model, methods, {})
+    formulation, _ = Target(budget.backend if budget.is_latency else "torch").formulation_for("scatter")
+    space = _space_for(loaded.model, methods, {}, formulation)
     scorer = None
     if images is not None:
         scorer = _scorer(loaded, images, n_images, resize, progress)
     elif not budget.is_latency:
         raise UserError("a FLOPs budget is calibrated on images: pass --images DIR (unlabelled is fine)")
-    run = _Run(model_name, budget, space, scorer, search_evals, seed, threads, progress)
+    run = _Run(model_name, budget, space, scorer, search_evals, seed, threads, progress,
+               loaded.weights.to_dict())
     cands, chosen = run.latency() if budget.is_latency else run.flops()
     chosen.chosen = True
     return CalibrationResult(

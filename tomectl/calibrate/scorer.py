@@ -8,6 +8,7 @@ import torch
 
 from ..adapters import adapter_for
 from ..metrics import compare
+from ..reduced import plan_of, reduction_off, replan
 from .space import Candidate
 
 
@@ -27,15 +28,18 @@ class Scorer:
         self.cache: dict = {}
         adapter = adapter_for(model)
         self.adapter = adapter
-        self._install("tome", [0] * adapter.num_layers(model))  # reduction off: the reference
-        self.ref = predict(model, images, batch_size=batch_size)
+        if plan_of(model) is None:
+            from ..build import install
+
+            install(model, "tome", [0] * adapter.num_layers(model))
+        with reduction_off(model):  # the reference: timm's own model
+            self.ref = predict(model, images, batch_size=batch_size)
 
     def _install(self, method: str, removed: Sequence[int]) -> None:
-        from ..build import install
-
-        plan = getattr(self.model, "tomectl_plan", None)
-        install(self.model, method, removed, prop_attn=True if plan is None else plan.prop_attn,
-                formulation="scatter", options=self.options.get(method))
+        """Re-plan the model for a candidate (eager PyTorch: the scatter formulation; the numbers do
+        not depend on it)."""
+        options = dict(self.options.get(method) or {})
+        replan(self.model, method=method, removed=tuple(removed), options=options, formulation="scatter")
 
     def score(self, cand: Candidate, n: Optional[int] = None) -> Candidate:
         """Score on the first `n` images (all by default); the cache keeps each (schedule, n)."""

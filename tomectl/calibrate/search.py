@@ -23,10 +23,12 @@ PER_GENERATION = 4  # mutants of the per-layer search per generation
 
 def _measure(recipe: Recipe, budget: Budget, threads: Optional[int]):
     """Latency (`bench.LatencyStats`) of a schedule on the budget's backend, at its batch and (trt) its
-    precision; random weights: the time does not depend on them."""
+    precision, with the weights the recipe names (random ones where it names none): the graph
+    timed is then byte for byte the one `tomectl export` writes for the chosen artifact."""
     from ..bench import measure_latency
 
-    return measure_latency(recipe, budget.backend, budget.batch, threads=threads, random_weights=True,
+    random = not recipe.weights or recipe.weights.get("source") == "random"
+    return measure_latency(recipe, budget.backend, budget.batch, threads=threads, random_weights=random,
                            precision=budget.precision)
 
 
@@ -124,8 +126,9 @@ class _Meter:
     """Latency of constant-r schedules of one method, each r measured once, at most
     MAX_LATENCY_MEASUREMENTS in all (then `_OutOfMeasurements`)."""
 
-    def __init__(self, space: Space, model_name: str, method: str, measure, progress):
-        self.space, self.model_name, self.method = space, model_name, method
+    def __init__(self, space: Space, model_name: str, method: str, measure, progress,
+                 weights: Optional[dict] = None):
+        self.space, self.model_name, self.method, self.weights = space, model_name, method, weights
         self.measure, self.progress = measure, progress
         self.schedule = dict(families(space, method))["constant"]  # r -> per-layer removals
         self.cache: dict[int, tuple[float, float]] = {}  # r -> (p50 ms, spread)
@@ -139,11 +142,13 @@ class _Meter:
             if len(self.cache) >= MAX_LATENCY_MEASUREMENTS:
                 raise _OutOfMeasurements
             removed = self.schedule(r)
-            rec = Recipe(model=self.model_name, schedule=Schedule(per_layer=removed), method=self.method)
+            rec = Recipe(model=self.model_name, schedule=Schedule(per_layer=removed), method=self.method,
+                         weights=self.weights)
             stats = self.measure(rec)
             self.cache[r] = (stats.p50, stats.spread)
             self.measured.append(Candidate(self.method, "constant", removed, self.gmacs(r),
-                                           latency_ms=stats.p50, latency_spread=stats.spread))
+                                           latency_ms=stats.p50, latency_spread=stats.spread,
+                                           graph_sha256=getattr(stats, "graph_sha256", None)))
             if self.progress:
                 self.progress("latency", len(self.cache), MAX_LATENCY_MEASUREMENTS)
         return self.cache[r][0]
@@ -151,7 +156,7 @@ class _Meter:
 
 def search_latency(space: Space, model_name: str, method: str, budget: Budget, *,
                    threads: Optional[int] = None, progress: Optional[ProgressFn] = None,
-                   measure=None) -> LatencySearch:
+                   measure=None, weights: Optional[dict] = None) -> LatencySearch:
     """Constant-r strength meeting a latency budget: bracketed interpolation on GMACs, <= 8 measurements.
 
     Returns a `LatencySearch`: (candidates measured, index of the chosen one, base latency ms,
@@ -159,7 +164,7 @@ def search_latency(space: Space, model_name: str, method: str, budget: Budget, *
     backend, batch and precision). Raises UserError for an infeasible budget with the nearest
     feasible one."""
     measure = measure or (lambda rec: _measure(rec, budget, threads))
-    lat = _Meter(space, model_name, method, measure, progress)
+    lat = _Meter(space, model_name, method, measure, progress, weights)
     f = lat.schedule
     r_max = next(r for r in range(1, space.n_tokens + 1) if f(r) == f(r + 1))  # strongest distinct r
     base = lat(0)

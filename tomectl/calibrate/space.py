@@ -27,6 +27,7 @@ class Candidate:
     top1: Optional[float] = None
     latency_ms: Optional[float] = None  # p50 of a measurement, where measured
     latency_spread: Optional[float] = None
+    graph_sha256: Optional[str] = None  # the graph (or engine) whose latency was measured (ort, trt)
     n_scored: int = 0  # images it was scored on (screening uses a subset)
     chosen: bool = False
 
@@ -53,6 +54,7 @@ class Space:
     protected: int
     base_gmacs: float
     methods: dict  # name -> ReductionMethod
+    formulation: str = "scatter"  # the merge formulation candidates are priced in (the budget's backend)
 
     def acting_layers(self, method: str) -> tuple[int, ...]:
         layers = self.methods[method].layers(self.n_layers)
@@ -67,7 +69,7 @@ class Space:
         return tuple(clamp(masked, self.n_tokens, self.protected, self.capacity(method)))
 
     def gmacs(self, method: str, removed: Sequence[int]) -> float:
-        return analytic_macs(self.dims, removed, self.methods[method]).total / 1e9
+        return analytic_macs(self.dims, removed, self.methods[method], self.formulation).total / 1e9
 
     def strongest(self, method: str) -> tuple[int, ...]:
         return self.clamp(method, [10 ** 6] * self.n_layers)
@@ -77,7 +79,7 @@ class Space:
         return lambda removed: self.gmacs(method, removed) <= target_gmacs + 1e-12
 
 
-def _space_for(model, methods: Sequence[str], method_options: dict) -> Space:
+def _space_for(model, methods: Sequence[str], method_options: dict, formulation: str = "scatter") -> Space:
     adapter = adapter_for(model)
     adapter.check_supported(model)
     n_layers = adapter.num_layers(model)
@@ -91,7 +93,8 @@ def _space_for(model, methods: Sequence[str], method_options: dict) -> Space:
         raise UserError("none of the methods asked for can reduce this model")
     dims = adapter.dims(model)
     base = analytic_macs(dims, [0] * n_layers).total / 1e9
-    return Space(dims, n_layers, adapter.num_tokens(model), adapter.protected_tokens(model), base, objs)
+    return Space(dims, n_layers, adapter.num_tokens(model), adapter.protected_tokens(model), base, objs,
+                 formulation)
 
 
 def training_free_methods() -> list[str]:
