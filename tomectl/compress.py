@@ -77,24 +77,39 @@ def compress(recipe: Recipe, out: str | Path, weights=None, random_weights: bool
     with atomic_dir(out, force=force) as tmp:
         built = build(recipe, weights=weights, random_weights=random_weights)
         rep = report(built, measure=True)
-        adapter = adapter_for(built.model)
-        doc = recipe_document(recipe, built.removed, built.tokens, rep.weights, __version__)
+        learned = None
         if recipe.learned:  # the trained parameters travel with the artifact
-            shutil.copyfile(recipe.learned["path"], tmp / LEARNED)
-            doc["learned"] = {"path": LEARNED, "sha256": sha256_of(tmp / LEARNED)}
-        write_yaml(tmp / RECIPE, doc)
-        summary = rep.to_dict()
-        summary.update(
-            protected_tokens=adapter.protected_tokens(built.model),
-            options=recipe.options,
-            preprocessing=preprocessing(built.model),
-            versions=versions(),
-            machine=machine(),
-            created=now(),
-        )
-        summary.pop("out", None)
-        write_json(tmp / SUMMARY, summary)
+            def learned(path: Path) -> None:
+                shutil.copyfile(recipe.learned["path"], path)
+        write_artifact(tmp, built, recipe, rep, learned=learned)
         if extra is not None:
             extra(tmp, built)
     rep.out = str(out)
     return rep
+
+
+def write_artifact(tmp: Path, built: Built, recipe: Recipe, rep: ModelReport, *,
+                   weights: Optional[dict] = None, learned: Optional[Callable[[Path], None]] = None,
+                   **summary_extra) -> None:
+    """recipe.yaml and summary.json of `built` into `tmp`, an artifact directory being written (what
+    `compress` and `train` share). `weights` replaces the weights `rep` records; `learned(path)`
+    writes the learned parameters, which recipe.yaml then names; `summary_extra` goes into summary.json."""
+    weights = rep.weights if weights is None else weights
+    doc = recipe_document(recipe, built.removed, built.tokens, weights, __version__)
+    if learned is not None:
+        learned(tmp / LEARNED)
+        doc["learned"] = {"path": LEARNED, "sha256": sha256_of(tmp / LEARNED)}
+    write_yaml(tmp / RECIPE, doc)
+    summary = rep.to_dict()
+    summary.pop("out", None)
+    summary.update(
+        weights=weights,
+        protected_tokens=adapter_for(built.model).protected_tokens(built.model),
+        options=recipe.options,
+        preprocessing=preprocessing(built.model),
+        versions=versions(),
+        machine=machine(),
+        created=now(),
+        **summary_extra,
+    )
+    write_json(tmp / SUMMARY, summary)

@@ -47,6 +47,32 @@ def _render(res: lib.TrainResult) -> None:
     common.out.print(f"wrote {res.out} (recipe.yaml, learned.safetensors, summary.json, train.json)")
 
 
+COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+           TimeRemainingColumn())
+
+
+def _reporter(bar: Progress, epochs: int):
+    """The progress callback of `lib.train`: a bar over the steps, one line per epoch."""
+    task = None
+
+    def progress(event: str, info: dict) -> None:
+        nonlocal task
+        if event == "start":
+            task = bar.add_task("training", total=info["total_steps"], completed=info["done"])
+        elif event == "step":
+            bar.update(task, advance=1, description=(
+                f"epoch {info['epoch'] + 1}/{epochs} loss {info['loss']:.4f} "
+                f"{info['img_per_s']:.1f} img/s"))
+        elif event == "val":
+            bar.update(task, description=f"epoch {info['epoch']}/{epochs}: measuring agreement on --val")
+        elif event == "epoch":
+            agree = "" if info["agreement"] is None else f", val agreement {info['agreement']:.1%}"
+            common.console.print(f"epoch {info['epoch']}/{epochs}: loss {info['loss']:.4f} "
+                                 f"(KL {info['kl']:.4f}){agree}, {info['seconds']:.0f} s")
+
+    return progress
+
+
 def train(
     model: Optional[str] = typer.Argument(None, help="timm model name (or --recipe FILE)."),
     images: Path = typer.Option(..., "--images", help="Training images: any folder (labels optional)."),
@@ -98,29 +124,10 @@ def train(
         ce_weight=ce_weight, augment=augment, finetune=finetune, limit=limit, workers=workers, seed=seed,
         val=str(val) if val else None, val_limit=val_limit, val_resize=val_resize,
     )
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=common.console, transient=True, disable=json_) as bar:
-        task = None
-
-        def progress(event: str, info: dict) -> None:
-            nonlocal task
-            if event == "start":
-                task = bar.add_task("training", total=info["total_steps"], completed=info["done"])
-            elif event == "step":
-                bar.update(task, advance=1, description=(
-                    f"epoch {info['epoch'] + 1}/{epochs} loss {info['loss']:.4f} "
-                    f"{info['img_per_s']:.1f} img/s"))
-            elif event == "val":
-                bar.update(task, description=f"epoch {info['epoch']}/{epochs}: measuring agreement on --val")
-            elif event == "epoch":
-                agree = "" if info["agreement"] is None else f", val agreement {info['agreement']:.1%}"
-                common.console.print(f"epoch {info['epoch']}/{epochs}: loss {info['loss']:.4f} "
-                                     f"(KL {info['kl']:.4f}){agree}, {info['seconds']:.0f} s")
-
+    with Progress(*COLUMNS, console=common.console, transient=True, disable=json_) as bar:
         try:
             res = lib.train(rec, images, out, config, weights=weights, random_weights=random_weights,
-                            resume=resume, force=force, progress=progress)
+                            resume=resume, force=force, progress=_reporter(bar, epochs))
         except lib.TrainingInterrupted as e:
             bar.stop()
             common.error(f"interrupted; resumable checkpoint saved to {e.checkpoint} "
