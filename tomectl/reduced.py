@@ -239,10 +239,25 @@ class Reduced:
         return torch_runner(self.model)
 
     def export_onnx(self, out: str | Path, *, check_inputs=None, atol: Optional[float] = None,
-                    simplify: bool = True, meta: Optional[dict] = None, progress=None):
-        """The ONNX graph for this target (its batch and formulation), checked against PyTorch:
-        the one export pipeline of `tomectl export`, `bench` and `calibrate`."""
+                    simplify: bool = True, meta: Optional[dict] = None, progress=None, precision=None):
+        """The ONNX graph for this target (its batch, formulation and precision), checked against
+        PyTorch: the one export pipeline of `tomectl export`, `bench` and `calibrate`.
+
+        precision: `export.precision.PrecisionOptions` (default: the target's precision with the
+        default int8 mode); an int8/fp16 graph is made from the checked fp32 one and validated
+        against the unreduced model before it is written."""
         from .export.onnx import ATOL, DEFAULT_CHECK_IMAGES, check_inputs_for, export_onnx
+        from .export.precision import PrecisionOptions, export_precision
+
+        opts = precision or PrecisionOptions(self.target.precision)
+        if opts.precision != "fp32":
+            self.target = dataclasses.replace(self.target, precision="fp32")  # the graph it starts from
+            try:
+                return export_precision(self, out, opts, lambda p: self.export_onnx(
+                    p, check_inputs=check_inputs, atol=atol, simplify=simplify, meta=meta, progress=progress),
+                    progress)
+            finally:
+                self.target = dataclasses.replace(self.target, precision=opts.precision)
 
         if check_inputs is None:  # the same images `tomectl export` checks on by default
             check_inputs = check_inputs_for(self.model, max(DEFAULT_CHECK_IMAGES, self.target.batch))

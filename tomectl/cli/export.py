@@ -33,8 +33,16 @@ def render(rep) -> None:
         t.add_row("graph", f"opset {o.opset}, input {o.input_name} {o.input_shape}, {nodes}")
         t.add_row(
             "parity vs PyTorch",
-            f"max |diff| {o.max_abs_diff:.2e}, top-1 agreement {o.top1_agreement:.0%} on {o.check_source}",
+            f"max |diff| {o.max_abs_diff:.2e}, top-1 agreement {o.top1_agreement:.0%} on {o.check_source}"
+            + (" (the fp32 graph)" if o.precision != "fp32" else ""),
         )
+        if o.precision_check:
+            c = o.precision_check
+            t.add_row(o.precision, f"{o.conversion.get('mode', '')} {o.precision}".strip())
+            t.add_row("vs unreduced fp32",
+                      f"agreement {c['agreement']:.1%} (fp32 graph {c['agreement_fp32']:.1%}, "
+                      f"{c['difference'] * 100:+.1f} points, 95 % [{c['difference_ci95'][0] * 100:+.1f}, "
+                      f"{c['difference_ci95'][1] * 100:+.1f}]) on {c['n']} images")
     e = rep.engine
     if e is not None:
         t.add_row("engine", f"{e.path}  (+ {Path(e.metadata).name})")
@@ -61,7 +69,18 @@ def export(
     ),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="A YAML recipe instead of TARGET + flags."),
     batch: int = typer.Option(1, "--batch", help="Fixed batch size of the graph/engine."),
-    precision: str = typer.Option("fp32", "--precision", help="TensorRT precision: fp32, fp16 or int8."),
+    precision: str = typer.Option(
+        "fp32", "--precision",
+        help="fp32, fp16 or int8: of the ONNX graph (validated against the unreduced model) or the engine."),
+    int8_mode: str = typer.Option(
+        "dynamic", "--int8-mode",
+        help="ONNX int8: dynamic (no calibration; fastest on CPU) or static (QDQ, calibrated; TensorRT 11)."),
+    calib_method: str = typer.Option("entropy", "--calib-method",
+                                     help="Static int8 calibration: entropy, percentile or minmax."),
+    max_agreement_drop: Optional[float] = typer.Option(
+        None, "--max-agreement-drop",
+        help="fp16/int8 ONNX: how far (0-1) agreement with the unreduced model may fall below the fp32 "
+        "graph's (default 0.02 fp16, 0.03 int8)."),
     formulation: Optional[str] = typer.Option(
         None,
         "--formulation",
@@ -71,10 +90,12 @@ def export(
     calib_images: Optional[Path] = typer.Option(
         None,
         "--calib-images",
-        help="Images for the parity checks and int8 calibration (default: shared images).",
+        help="Images for the parity checks, int8 calibration and the fp16/int8 validation (default: shared "
+        "images; calibration and validation use disjoint ones).",
     ),
     check_images: Optional[int] = typer.Option(
-        None, "--check-images", help="How many images to check on (default 16; 64 with --trt)."
+        None, "--check-images",
+        help="How many images to check on (default 16; 64 with --trt; 256 for fp16/int8 ONNX validation)."
     ),
     simplify: bool = typer.Option(
         True, "--simplify/--no-simplify", help="Simplify with onnxslim where parity holds."
@@ -123,6 +144,9 @@ def export(
             min_agreement=min_agreement,
             force=force,
             progress=lambda msg: status.update(msg),
+            int8_mode=int8_mode,
+            calib_method=calib_method,
+            max_agreement_drop=max_agreement_drop,
         )
     if json_:
         common.print_json(rep.to_dict())

@@ -32,6 +32,8 @@ from ..errors import UserError
 from ..recipe import Recipe, check_formulation
 from ..reduced import GRAPH_FORMULATION
 from .onnx import DEFAULT_CHECK_IMAGES, ExportCheckError, OnnxExportResult, Progress, export_onnx
+from .precision import DEFAULT_CHECK_IMAGES as DEFAULT_PRECISION_CHECK
+from .precision import PrecisionOptions
 
 # what reduced.Target.formulation_for gives each graph runtime
 DEFAULT_FORMULATION = {"onnxruntime": GRAPH_FORMULATION, "tensorrt": GRAPH_FORMULATION}
@@ -75,10 +77,6 @@ def _check_request(onnx_out, trt_out, batch: int, precision: str, check_images, 
         raise UserError("say what to write: --onnx FILE, --trt FILE, or both")
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")
-    if trt_out is None and precision != "fp32":
-        raise UserError(
-            "--precision applies to TensorRT engines (--trt FILE); ONNX graphs are written in fp32"
-        )
     if check_images is not None and check_images < 1:
         raise UserError(f"--check-images must be at least 1, got {check_images}")
     _check_outputs([Path(p) for p in (onnx_out, trt_out) if p is not None], force)
@@ -104,6 +102,9 @@ def export(
     min_agreement: Optional[float] = None,
     force: bool = False,
     progress: Progress = None,
+    int8_mode: str = "dynamic",
+    calib_method: str = "entropy",
+    max_agreement_drop: Optional[float] = None,
 ) -> ExportReport:
     """Build the model `recipe` describes for its target and export it (ONNX, TensorRT or both)."""
     from ..build import build
@@ -119,6 +120,9 @@ def export(
 
         tensorrt.plan_build(tensorrt.require_tensorrt().__version__, precision)
     target = Target.for_export(trt_out is not None, batch, precision, formulation)
+    # an engine is built from the fp32 graph (TensorRT converts); an ONNX file is written in `precision`
+    popts = PrecisionOptions(precision if trt_out is None else "fp32", int8_mode, calib_method, calib_images,
+                             n_check=check_images or DEFAULT_PRECISION_CHECK, margin=max_agreement_drop)
     reduced = build(recipe, weights=weights, random_weights=random_weights, target=target)
     formulation, reason = target.formulation_for(recipe.formulation)
     n = check_images or (DEFAULT_CHECK_IMAGES_TRT if trt_out is not None else DEFAULT_CHECK_IMAGES)
@@ -133,7 +137,7 @@ def export(
     with tempfile.TemporaryDirectory(prefix="tomectl-export-") as td:
         onnx_path = Path(onnx_out) if onnx_out is not None else Path(td) / "model.onnx"
         report.onnx = reduced.export_onnx(onnx_path, check_inputs=inputs, simplify=simplify,
-                                          progress=progress)
+                                          progress=progress, precision=popts)
         if onnx_out is None:
             report.onnx.path = report.onnx.sidecar = None
         if trt_out is not None:

@@ -118,6 +118,9 @@ class OnnxExportResult:
     sidecar: Optional[str] = None
     sha256: Optional[str] = None
     notes: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+    conversion: Optional[dict] = None  # int8 / fp16: how the fp32 graph was converted
+    precision_check: Optional[dict] = None  # int8 / fp16: `precision.PrecisionCheck.to_dict()`
 
     def to_dict(self) -> dict:
         return asdict(self)
