@@ -131,6 +131,15 @@ def replan(model: nn.Module, **changes) -> nn.Module:
     return model
 
 
+def plain_state_dict(model: nn.Module) -> dict:
+    """The model's state_dict without the reduction's learned modules: what the plain timm model loads."""
+    modules = learned_modules(model)
+    if modules is None:
+        return model.state_dict()
+    prefix = next(name for name, m in model.named_modules() if m is modules) + "."
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
+
+
 @contextlib.contextmanager
 def reduction_off(model: nn.Module):
     """The model computes what the plain timm model computes (same weights) inside the block; the

@@ -40,6 +40,7 @@ except ImportError:  # pragma: no cover
     Block = VisionTransformer = None  # type: ignore
 
 POOLS = ("token", "avg", "")
+LEARNED_ATTR = "tomectl_modules"  # where a learned method's modules live on the model (and in its graphs)
 
 
 @dataclass(frozen=True)

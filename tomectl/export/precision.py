@@ -45,6 +45,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..adapters.vit import LEARNED_ATTR
 from ..errors import UserError
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -58,7 +59,6 @@ DEFAULT_CHECK_IMAGES = 256  # the agreement difference needs a few hundred image
 #: fall below the fp32 reduced graph
 DEFAULT_MARGIN = {"fp16": 0.02, "int8": 0.03}
 LINEAR_MODULES = ("torch.nn.modules.linear.Linear", "torch.nn.modules.conv.Conv2d")
-LEARNED_SCOPE = "tomectl_modules"  # where the adapter keeps a learned method's modules
 
 
 def _meta(node, key: str) -> Optional[str]:
@@ -93,7 +93,7 @@ def quantizable_nodes(model_proto) -> list[str]:
         if with_meta:
             hierarchy = _meta(node, "pkg.torch.onnx.class_hierarchy") or ""
             scopes = _meta(node, "pkg.torch.onnx.name_scopes") or ""
-            if any(m in hierarchy for m in LINEAR_MODULES) and LEARNED_SCOPE not in scopes:
+            if any(m in hierarchy for m in LINEAR_MODULES) and LEARNED_ATTR not in scopes:
                 out.append(node.name)
         elif len(node.input) > 1 and ranks.get(node.input[1]) == (4 if node.op_type == "Conv" else 2):
             out.append(node.name)

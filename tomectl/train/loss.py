@@ -39,7 +39,7 @@ def distillation_loss(model, x: torch.Tensor, *, teacher=None, labels: Optional[
     of `model` in a distributed run). `taps` = (student box, teacher box) from `_pre_logits_tap`,
     needed for feature distillation.
     """
-    from ..evaluate import reduction_off
+    from ..reduced import learned_modules, reduction_off
 
     student = model if student is None else student
     with torch.no_grad():
@@ -57,7 +57,7 @@ def distillation_loss(model, x: torch.Tensor, *, teacher=None, labels: Optional[
     loss = kl
     if feature_weight > 0 and taps is not None and t_feat is not None:
         loss = loss + feature_weight * F.mse_loss(taps[0]["features"], t_feat)
-    modules = getattr(model, "tomectl_modules", None)
+    modules = learned_modules(model)
     aux = _aux_loss(modules) if modules is not None else None
     if aux is not None:
         loss = loss + aux

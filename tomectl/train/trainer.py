@@ -18,6 +18,7 @@ from ..build import Built, build
 from ..errors import UserError
 from ..recipe import Recipe
 from ..reduce import get_method
+from ..reduced import learned_modules
 from .config import EpochLog, TrainConfig, TrainResult
 from .dist import _all_mean, _barrier, _every_rank_has, epoch_indices, init_distributed
 from .loss import _pre_logits_tap, distillation_loss
@@ -66,7 +67,7 @@ def _no_weight_decay(root: torch.nn.Module) -> set[str]:
 def _awaits_data_init(model) -> bool:
     """Whether a learned module initialises itself on its first training batch (it declares an
     `initialised` buffer that is still false): then one forward pass runs before training."""
-    modules = getattr(model, "tomectl_modules", None)
+    modules = learned_modules(model)
     return modules is not None and any(
         isinstance(getattr(m, "initialised", None), torch.Tensor) and not bool(m.initialised)
         for m in modules.modules()
@@ -75,7 +76,7 @@ def _awaits_data_init(model) -> bool:
 
 def _trainable(built: Built, finetune: bool) -> list[torch.nn.Parameter]:
     model = built.model
-    modules = getattr(model, "tomectl_modules", None)
+    modules = built.modules
     for p in model.parameters():
         p.requires_grad_(finetune)
     if modules is not None:
@@ -91,7 +92,7 @@ def _set_modes(model, finetune: bool, training: bool) -> None:
         model.train(training)
     else:
         model.eval()  # frozen backbone: no dropout / drop-path, deterministic
-        modules = getattr(model, "tomectl_modules", None)
+        modules = learned_modules(model)
         if modules is not None:
             modules.train(training)
 
@@ -155,7 +156,7 @@ class Trainer:
     @property
     def _trained(self) -> torch.nn.Module:
         """What learns and what the checkpoint keeps: the learned modules, or all with --finetune."""
-        return self.model if self.config.finetune else self.model.tomectl_modules
+        return self.model if self.config.finetune else self.built.modules
 
     def _setup_model(self) -> None:
         self.d = d = init_distributed()
@@ -165,9 +166,9 @@ class Trainer:
         self.model = self.built.model.to(d.device)
         self.teacher = None
         if self.config.finetune:  # the reference must stay the original model
-            from ..adapters import adapter_for
+            from .. import remove
 
-            self.teacher = adapter_for(self.model).remove(copy.deepcopy(self.model)).eval()
+            self.teacher = remove(copy.deepcopy(self.model)).eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
         self.params = _trainable(self.built, self.config.finetune)
@@ -225,8 +226,9 @@ class Trainer:
     def _setup_val(self) -> None:
         """The unreduced model's logits on the val images (and, on a fresh run, where training starts)."""
         from .. import data
-        from ..evaluate import predict, reduction_off
+        from ..evaluate import predict
         from ..metrics import compare
+        from ..reduced import reduction_off
 
         cfg = self.config
         val_samples = data.scan(cfg.val, limit=cfg.val_limit)
@@ -440,7 +442,7 @@ def _write_artifact(built: Built, recipe: Recipe, out: Path, result: TrainResult
         rep = report(built, measure=True)
         weights = _save_finetuned(model, tmp, out) if config.finetune else None
         learned = None
-        if getattr(model, "tomectl_modules", None) is not None and len(model.tomectl_modules):
+        if built.modules is not None and len(built.modules):
             def learned(path: Path) -> None:
                 save_learned(model, path)
         write_artifact(tmp, built, recipe, rep, weights=weights, learned=learned, trained=True)
@@ -451,14 +453,10 @@ def _save_finetuned(model, tmp: Path, out: Path) -> dict:
     """The fine-tuned backbone's weights (without the reduction) into the artifact; their record."""
     from safetensors.torch import save_file
 
-    from ..adapters import adapter_for
     from ..models import sha256_of
+    from ..reduced import plain_state_dict
 
-    adapter = adapter_for(model)
-    plan, modules = model.tomectl_plan, getattr(model, "tomectl_modules", None)
-    adapter.remove(model)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / MODEL_WEIGHTS))
-    adapter.install(model, plan, modules=modules)
+    save_file({k: v.contiguous() for k, v in plain_state_dict(model).items()}, str(tmp / MODEL_WEIGHTS))
     return {"source": "file", "path": str((out / MODEL_WEIGHTS).resolve()),
             "sha256": sha256_of(tmp / MODEL_WEIGHTS)}
 
