@@ -27,10 +27,12 @@ report.json (`BenchReport.to_dict`), schema_version 1:
         runtime included; "cuda": torch.cuda.max_memory_allocated), threads, speedup (the
         baseline's p50 / this p50, same backend and batch, same run), efficiency (speedup /
         flops_ratio: 1.0 means every multiply-accumulate saved became time saved), error (null,
-        or why this configuration could not run), formulation (the merge formulation this
-        backend ran: the recipe's in torch, onehot in the ONNX/TensorRT graphs, which `gmacs` is
-        priced on), graph_sha256 (the exported graph or engine that was timed: byte for byte what
-        `tomectl export` writes for the same artifact, backend and batch; null for torch)
+        or why this configuration could not run), precision (fp32, or the fp16/int8 graph or
+        engine: `--precision`, label "r=13 int8"; its speedup is against the fp32 baseline),
+        formulation (the merge formulation this backend ran: the recipe's in torch, onehot in the
+        ONNX/TensorRT graphs, which `gmacs` is priced on), graph_sha256 (the exported graph or
+        engine that was timed: byte for byte what `tomectl export` writes for the same artifact,
+        backend, batch and precision; null for torch)
     evals           accuracy from `tomectl eval --out` files given with --eval: target, model,
                     schedule, gmacs, gmacs_base, top1, top5, agreement, ref_top1, n
     provenance      {versions, machine (cpu, cpu_count, torch_threads, platform, gpu, bench_threads),
@@ -72,6 +74,7 @@ NOISY_SPREAD = 0.25
 RANDOM_WEIGHTS_ATOL = 5e-2
 
 Progress = Optional[Callable[[str, int, int], None]]
+BENCH_PRECISION_CHECK = 128  # images an fp16/int8 graph is validated on before it is timed (real weights)
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,6 +143,7 @@ class BenchRow:
     efficiency: Optional[float] = None
     error: Optional[str] = None
     baseline: bool = False
+    precision: str = "fp32"
     formulation: Optional[str] = None  # the merge formulation this backend ran
     graph_sha256: Optional[str] = None  # the exported graph (or engine) that was timed
 
@@ -165,7 +169,7 @@ class BenchRow:
             "peak_mem_mb": None if self.peak_mem_mb is None else round(self.peak_mem_mb, 1),
             "mem_kind": self.mem_kind, "threads": self.threads,
             "speedup": r4(self.speedup), "efficiency": r4(self.efficiency), "error": self.error,
-            "formulation": self.formulation, "graph_sha256": self.graph_sha256,
+            "precision": self.precision, "formulation": self.formulation, "graph_sha256": self.graph_sha256,
         }
 
 
@@ -207,6 +211,8 @@ class Entry:
 
     label: str
     recipe: Recipe
+    precision: str = "fp32"  # of the graph (ort) or engine (trt); torch backends run fp32 only
+    base: str = ""  # the fp32 entry this one is a precision of ("" for fp32 entries)
 
 
 def entries_for(target: str | Sequence[str], schedules: Optional[Sequence[int]] = None, method: str = "tome",
@@ -294,14 +300,21 @@ def export_for_bench(recipe: Recipe, batch: int, *, onnx_out: Path, engine_out: 
     against PyTorch; returns (a one-line parity note, the sha256 of the timed file). UserError when
     the export fails."""
     from .build import build
+    from .export.precision import PrecisionOptions
 
     target = Target("trt" if engine_out is not None else "ort", precision, batch, formulation)
     reduced = build(recipe, weights=weights, random_weights=random_weights, target=target)
-    res = reduced.export_onnx(onnx_out, simplify=simplify,
+    # ONNX in `precision` (validated against the unreduced model where the weights are real); an
+    # engine is built from the fp32 graph in its own precision
+    popts = PrecisionOptions(precision if engine_out is None else "fp32", validate=not random_weights,
+                             n_check=BENCH_PRECISION_CHECK)
+    res = reduced.export_onnx(onnx_out, simplify=simplify, precision=popts,
                               atol=RANDOM_WEIGHTS_ATOL if random_weights else None)
     note = f"max |diff| {res.max_abs_diff:.1e} vs PyTorch on {res.n_check} inputs"
     if res.near_ties:
         note += f" ({res.near_ties} on a merge near-tie, matched on a rounding-sized perturbation)"
+    if res.precision != "fp32":
+        note += f"; {res.notes[-1]}"
     if engine_out is None:
         return note, res.sha256
     from .export.tensorrt import build_engine
@@ -359,7 +372,8 @@ def _export_all(entries, backends, batches, workdir: Path, tick, **kw) -> _Graph
                 onnx_path = workdir / f"{kind}{i}_b{bs}.onnx"
                 engine = workdir / f"trt{i}_b{bs}.engine" if kind == "trt" else None
                 try:
-                    note, sha = export_for_bench(e.recipe, bs, onnx_out=onnx_path, engine_out=engine, **kw)
+                    note, sha = export_for_bench(e.recipe, bs, onnx_out=onnx_path, engine_out=engine,
+                                                 precision=e.precision, **kw)
                 except UserError as err:
                     g.errors[(kind, e.label, bs)] = str(err)
                     continue
@@ -381,6 +395,8 @@ def _time_all(entries, backends, batches, rounds: int, graphs: _Graphs, base_spe
             for bs in batches:
                 for e in entries:
                     key = (backend, bs, e.label)
+                    if kind is None and e.precision != "fp32":
+                        continue  # torch backends run fp32
                     suffix = f" (round {rnd + 1}/{rounds})" if rounds > 1 else ""
                     tick(f"{backend} batch {bs} {e.label}{suffix}")
                     if "error" in results.get(key, {}):
@@ -409,17 +425,19 @@ def _rows(entries, built: dict, backends, batches, samples: dict, results: dict,
         for bs in batches:
             base_row = None
             for e in entries:
-                b = built[e.label]
+                b = built[e.base or e.label]
                 res = results.get((backend, bs, e.label), {"error": "not run"})
                 target = Target(backend, batch=bs, formulation=formulation)
                 kind = "trt" if backend == "trt" else "onnx" if target.graph else None
+                if kind is None and e.precision != "fp32":
+                    continue
                 row = BenchRow(
                     backend=backend, batch=bs, label=e.label, schedule=e.recipe.schedule.describe(),
                     method=e.recipe.method, removed_per_layer=list(b.removed),
                     params=sum(p.numel() for p in b.model.parameters()), gmacs=b.macs_for(target).gmacs,
                     gmacs_base=base_gmacs, threads=threads, baseline=e is entries[0], error=res.get("error"),
                     formulation=target.formulation_for(e.recipe.formulation)[0],
-                    graph_sha256=graphs.sha256.get((kind, e.label, bs)),
+                    graph_sha256=graphs.sha256.get((kind, e.label, bs)), precision=e.precision,
                 )
                 if row.error is None:
                     row.latency = LatencyStats.of(samples[(backend, bs, e.label)])
@@ -431,6 +449,17 @@ def _rows(entries, built: dict, backends, batches, samples: dict, results: dict,
                     row.efficiency = row.speedup / row.flops_ratio
                 rows.append(row)
     return rows
+
+
+def _with_precisions(entries: list[Entry], precisions: Sequence[str], backends: Sequence[str]) -> list[Entry]:
+    """Every entry in fp32 (the baseline and the reference of each ratio), then in each other
+    precision asked for ("r=13 int8"), which only graph backends run."""
+    from .export.precision import precision_names
+
+    extra = [p for p in precision_names(precisions) if p != "fp32"]
+    if extra and not any(Target(b).graph for b in backends):
+        raise UserError(f"--precision {extra[0]} is for the ort and trt backends; torch runs fp32 here")
+    return entries + [Entry(f"{e.label} {p}", e.recipe, p, e.label) for p in extra for e in entries]
 
 
 def _caveats(rows: list[BenchRow], loads: tuple[Optional[float], Optional[float]]) -> list[str]:
@@ -472,6 +501,7 @@ def run_bench(
     simplify: bool = True,
     evals: Sequence[dict] = (),
     progress: Progress = None,
+    precisions: Sequence[str] = ("fp32",),
 ) -> BenchReport:
     """Time every (backend, batch, schedule) in its own process; see the module docstring.
 
@@ -490,10 +520,12 @@ def run_bench(
     model, entries = entries_for(target, schedules, method, prop_attn, formulation or "scatter")
     if formulation is not None:  # asked for: every backend runs it, artifacts' torch rows too
         entries = [Entry(e.label, dataclasses.replace(e.recipe, formulation=formulation)) for e in entries]
+    entries = _with_precisions(entries, precisions, backends)
     batches = list(dict.fromkeys(int(b) for b in batches))
 
     # Build each configuration once here: validates schedules and weights, gives params and GMACs.
-    built = {e.label: build(e.recipe, weights=weights, random_weights=random_weights) for e in entries}
+    built = {e.label: build(e.recipe, weights=weights, random_weights=random_weights)
+             for e in entries if not e.base}
     first = built[entries[0].label]
     input_size = list(preprocessing(first.model)["input_size"])
 

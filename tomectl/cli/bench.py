@@ -59,6 +59,10 @@ def bench(
     iters: int = typer.Option(20, "--iters", help="Timed iterations per process."),
     duration: Optional[float] = typer.Option(None, "--duration", help="Seconds to time instead of --iters."),
     rounds: int = typer.Option(1, "--rounds", help="Run everything round-robin this many times (pooled)."),
+    precision: str = typer.Option(
+        "fp32", "--precision",
+        help="Comma-separated fp32,fp16,int8: graphs (ort) and engines (trt) in each; a row per precision, "
+        "its speedup against the fp32 unreduced row."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
     prop_attn: bool = common.PropAttn,
     formulation: Optional[str] = typer.Option(
@@ -94,7 +98,7 @@ def bench(
                             duration=duration, threads=threads, compile=compile_,
                             random_weights=random_weights, weights=weights, method=method,
                             prop_attn=prop_attn, formulation=formulation, rounds=rounds, evals=evals,
-                            progress=progress)
+                            progress=progress, precisions=[p.strip() for p in precision.split(",") if p])
     doc = rep.to_dict()
     written = report_mod.write(doc, report) if report is not None else None
     if json_:

@@ -285,6 +285,7 @@ class PrecisionOptions:
     n_calib: int = DEFAULT_CALIB_IMAGES
     n_check: int = DEFAULT_CHECK_IMAGES
     margin: Optional[float] = None  # default DEFAULT_MARGIN[precision]
+    validate: bool = True  # False only for speed work on random weights (bench): nothing to agree with
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -375,20 +376,26 @@ def export_precision(reduced, out: str | Path, opts: PrecisionOptions, export_fp
         fp32_path = Path(td) / "fp32.onnx"
         res = export_fp32(fp32_path)
         say("loading calibration and check images...")
-        calib, check, where = images_for(reduced.model, opts)
+        static = opts.precision == "int8" and opts.int8_mode == "static"
+        if opts.validate or static:
+            calib, check, where = images_for(reduced.model, opts)
+        else:
+            calib, check, where = None, None, "not validated (random weights: speed work only)"
         say(f"converting to {opts.precision}...")
         cand = Path(td) / f"{opts.precision}.onnx"
         info = convert(fp32_path, cand, opts, calib)
-        say(f"validating the {opts.precision} graph against the unreduced model...")
-        pc = validate(reduced, fp32_path, cand, check, opts, res.batch)
-        if not pc.passed:
-            raise ExportCheckError(f"the {opts.precision} graph loses too much agreement ({pc.describe()}); "
-                                   f"nothing was written to {out}")
+        pc = None
+        if opts.validate:
+            say(f"validating the {opts.precision} graph against the unreduced model...")
+            pc = validate(reduced, fp32_path, cand, check, opts, res.batch)
+            if not pc.passed:
+                raise ExportCheckError(f"the {opts.precision} graph loses too much agreement "
+                                       f"({pc.describe()}); nothing was written to {out}")
         doc = json.loads(Path(res.sidecar).read_text())
         res.path, res.sidecar, res.sha256 = str(out), str(sidecar), sha256_of(cand)
-        res.precision, res.precision_check = opts.precision, pc.to_dict()
+        res.precision, res.precision_check = opts.precision, pc.to_dict() if pc else None
         res.conversion = {**opts.key(), **info}
-        res.notes.append(pc.describe())
+        res.notes.append(pc.describe() if pc else f"{opts.precision} graph {where}")
         doc.update(file=out.name, sha256=res.sha256,
                    precision={**res.conversion, "images": where, "check": res.precision_check})
         with atomic_file(sidecar) as tmp_json, atomic_file(out) as tmp_onnx:
