@@ -22,6 +22,7 @@ The JSON form (`EvalResult.to_dict`, `--json`, `--out`), schema_version 1:
     backend         "torch" | "onnx" | "engine"
     model, method, schedule, removed_per_layer   the recipe (null when unknown)
     gmacs, gmacs_base                            analytic GMACs per image (null when unknown)
+    precision       "fp32", or how an exported graph was converted ("dynamic int8", "fp16")
     data            {root, labels_file, resize, limit, images, evaluated, skipped, skipped_paths}
     top1, top5      fractions over `n_labelled` images (null without labels)
     n_labelled
@@ -81,6 +82,7 @@ class EvalResult:
     gmacs: Optional[float] = None
     gmacs_base: Optional[float] = None
     note: Optional[str] = None
+    precision: str = "fp32"
     seconds: float = 0.0
     provenance: dict = field(default_factory=dict)
 
@@ -104,6 +106,7 @@ class EvalResult:
             "removed_per_layer": self.removed_per_layer,
             "gmacs": self.gmacs,
             "gmacs_base": self.gmacs_base,
+            "precision": self.precision,
             "data": self.data,
             "top1": self.top1,
             "top5": self.top5,
@@ -147,6 +150,7 @@ class _Target:
     built: Optional[Built] = None
     num_classes: Optional[int] = None
     note: Optional[str] = None
+    precision: str = "fp32"
 
 
 def _check_real(weights_info: Optional[dict], what: str) -> None:
@@ -239,8 +243,11 @@ def _exported_target(path: Path, backend: str, weights, threads: Optional[int],
         note = f"{note}; preprocessing: ImageNet defaults"
     if input_size and list(preproc["input_size"]) != list(input_size):
         raise UserError(f"{path} takes input {input_size} but its model expects {preproc['input_size']}")
+    conv = doc.get("precision") if isinstance(doc.get("precision"), dict) else {}
+    precision = " ".join(str(conv[k]) for k in ("mode", "precision") if conv.get(k)) or "fp32"
     return _Target(name=str(path), backend=backend, runner=runner, preproc=preproc, reference=ref,
-                   reference_desc=desc, recipe=recipe, built=built, num_classes=num_classes, note=note)
+                   reference_desc=desc, recipe=recipe, built=built, num_classes=num_classes, note=note,
+                   precision=precision)
 
 
 def _imagenet_preproc() -> dict:
@@ -363,6 +370,6 @@ def evaluate(
         schedule=rec.schedule.describe() if rec else None,
         removed_per_layer=list(built.removed) if built else None,
         gmacs=built.macs().gmacs if built else None, gmacs_base=built.base_macs().gmacs if built else None,
-        note=t.note, seconds=seconds,
+        note=t.note, precision=t.precision, seconds=seconds,
         provenance={"versions": versions(), "machine": machine(), "date": now()},
     )

@@ -30,7 +30,8 @@ def render(res: lib.EvalResult) -> None:
     t = Table(title="tomectl eval", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("target", f"{res.target} ({res.backend})")
+    t.add_row("target", f"{res.target} ({res.backend}" + (f", {res.precision})" if res.precision != "fp32"
+                                                          else ")"))
     if res.model:
         t.add_row("model", f"{res.model}, {res.method} {res.schedule}")
     if res.gmacs is not None:
