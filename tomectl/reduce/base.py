@@ -4,7 +4,8 @@ A method sees what a block offers (`Signals`) and returns a `Decision` (see `mer
 states, without any tensor, how many tokens it can remove from a layer, at which layers it acts and
 what its own decision costs in multiply-accumulates, so schedules are validated and FLOPs counted
 analytically. Method-specific options (EViT's layers, ToFu's transition layer...) are keyword
-arguments of the method's constructor, declared in `option_defaults`; recipes carry them in `options`.
+arguments of the method's constructor, each declared once in `options_spec` as an `Option` (default,
+type, range), which the base class checks; recipes carry them in `options`.
 
 Learned methods (DTEM, PatchMerger, LTM) set `learned` and build their parameters in
 `make_modules` from plain shapes (`LayerSpec`); the adapter registers them on the model, hands each
@@ -16,6 +17,7 @@ own training objective, already weighted) after a training-mode forward; the tra
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -53,6 +55,55 @@ class Signals:
 
 
 @dataclass(frozen=True)
+class Option:
+    """One method option: its default, type and range, declared once and checked in one place.
+
+    kind: "int" (a whole number), "float" (any finite number), "choice" (one of `choices`) or
+    "layers" (a list of distinct block indices >= 0). low / high bound numbers (`low_open`: low
+    itself excluded); `nullable`: None is allowed (it means the method's own default)."""
+
+    default: Any
+    kind: str = "float"
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    choices: tuple = ()
+    nullable: bool = False
+
+    def describe(self) -> str:
+        if self.kind == "layers":
+            what = "a list of block indices >= 0"
+        elif self.kind == "choice":
+            what = "one of " + ", ".join(map(str, self.choices))
+        else:
+            what = "a whole number" if self.kind == "int" else "a number"
+            if self.low is not None and self.high is not None:
+                what += f" in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+            elif self.low is not None:
+                what += f" {'>' if self.low_open else '>='} {self.low:g}"
+        return what + (" or null" if self.nullable else "")
+
+    def check(self, method: str, name: str, value: Any) -> Any:
+        """`value` validated (one-line UserError naming the method, the option and the range)."""
+        if value is None and self.nullable:
+            return None
+        if self.kind == "layers":
+            return check_layers(value, method, name)
+        bad = UserError(f"method {method!r}: option {name} must be {self.describe()}, got {value!r}")
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise bad
+            return value
+        if isinstance(value, bool) or not isinstance(value, int if self.kind == "int" else (int, float)):
+            raise bad
+        if not math.isfinite(value) or (self.low is not None and (value <= self.low if self.low_open
+                                                                   else value < self.low)) \
+                or (self.high is not None and value > self.high):
+            raise bad
+        return value if self.kind == "int" else float(value)
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     """Shapes of one block under a plan, for building a learned method's parameters.
 
@@ -80,7 +131,10 @@ class ReductionMethod:
     merges: bool = True
     #: whether `decide` needs `Signals.cls_attn` (the model must then have a class token)
     needs_cls_attn: bool = False
-    #: method options and their defaults; the constructor takes exactly these as keywords
+    #: method options, each declared once (default, type, range); the constructor takes exactly
+    #: these as keywords and checks them
+    options_spec: dict[str, Option] = {}
+    #: their defaults (derived from `options_spec`)
     option_defaults: dict[str, Any] = {}
     #: whether the method has parameters that are trained (`make_modules`, `tomectl train`)
     learned: bool = False
@@ -94,12 +148,17 @@ class ReductionMethod:
     #: counts itself in every formulation
     dense: bool = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.option_defaults = {k: o.default for k, o in cls.options_spec.items()}
+
     def __init__(self, **options: Any) -> None:
-        unknown = sorted(set(options) - set(self.option_defaults))
+        unknown = sorted(set(options) - set(self.options_spec))
         if unknown:
-            allowed = ", ".join(self.option_defaults) or "none"
+            allowed = ", ".join(self.options_spec) or "none"
             raise UserError(f"method {self.name!r} has no option {unknown[0]!r}; its options: {allowed}")
-        self.options = {**self.option_defaults, **options}
+        self.options = {k: spec.check(self.name, k, options.get(k, spec.default))
+                        for k, spec in self.options_spec.items()}
 
     def layers(self, n_layers: int) -> Optional[tuple[int, ...]]:
         """Blocks (0-based) where this method can remove tokens; None: every block."""

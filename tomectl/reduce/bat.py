@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from ..errors import UserError
-from .base import ReductionMethod, Signals, check_layers, within
+from .base import Option, ReductionMethod, Signals, within
 from .evit import attention_order, default_layers, fusion_weight
 from .merge import Decision, identity_slots, slots_of
 from .tome import bipartite_soft_matching
@@ -128,19 +128,12 @@ class BAT(ReductionMethod):
 
     name = "bat"
     needs_cls_attn = True
-    option_defaults = {"layers": None, "clusters": 0.3, "pairs": 0.5, "knn": 5}
-
-    def __init__(self, **options) -> None:
-        super().__init__(**options)
-        o = self.options
-        o["layers"] = check_layers(o["layers"], self.name)
-        for key in ("clusters", "pairs"):
-            v = o[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                raise UserError(f"method 'bat': option {key} must be a number in [0, 1], got {v!r}")
-            o[key] = float(v)
-        if isinstance(o["knn"], bool) or not isinstance(o["knn"], int) or o["knn"] < 1:
-            raise UserError(f"method 'bat': option knn must be a whole number >= 1, got {o['knn']!r}")
+    options_spec = {
+        "layers": Option(None, "layers", nullable=True),  # None: 1/4, 1/2, 3/4 of the depth
+        "clusters": Option(0.3, "float", low=0, high=1),  # cluster tokens as a fraction of the output
+        "pairs": Option(0.5, "float", low=0, high=1),  # attentive pairs merged per cluster token
+        "knn": Option(5, "int", low=1),  # neighbours of the density estimate
+    }
 
     def layers(self, n_layers: int) -> tuple[int, ...]:
         chosen = self.options["layers"]

@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
-from .base import LayerSpec, Signals
+from .base import LayerSpec, Option, Signals
 from .merge import Decision
 from .tome import ToMe, bipartite_soft_matching
 
@@ -129,17 +128,11 @@ class DTEM(ToMe):
     learned = True
     usable_untrained = True  # starts as ToMe
     trains_with_prop_attn = True
-    option_defaults = {"dim": None, "tau": 0.1, "candidates": 4}
-
-    def __init__(self, **options) -> None:
-        super().__init__(**options)
-        dim, tau, cand = self.options["dim"], self.options["tau"], self.options["candidates"]
-        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
-            raise UserError(f"method 'dtem': option dim must be a whole number >= 1 or null, got {dim!r}")
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
-            raise UserError(f"method 'dtem': option tau must be a number > 0, got {tau!r}")
-        if isinstance(cand, bool) or not isinstance(cand, int) or cand < 1:
-            raise UserError(f"method 'dtem': option candidates must be a whole number >= 1, got {cand!r}")
+    options_spec = {
+        "dim": Option(None, "int", low=1, nullable=True),  # embedding size; None: the head dim
+        "tau": Option(0.1, "float", low=0, low_open=True),  # temperature of the relaxed matching
+        "candidates": Option(4, "int", low=1),  # B candidates per A token in the relaxed matching
+    }
 
     def _dim(self, head_dim: int) -> int:
         return self.options["dim"] or head_dim

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..errors import UserError
-from .base import ReductionMethod, Signals, check_layers, within
+from .base import Option, ReductionMethod, Signals, within
 from .merge import Decision, identity_slots
 
 
@@ -78,11 +78,7 @@ class EViT(ReductionMethod):
 
     name = "evit"
     needs_cls_attn = True
-    option_defaults = {"layers": None}  # blocks (0-based); None: 1/4, 1/2, 3/4 of the depth
-
-    def __init__(self, **options) -> None:
-        super().__init__(**options)
-        self.options["layers"] = check_layers(self.options["layers"], self.name)
+    options_spec = {"layers": Option(None, "layers", nullable=True)}  # None: 1/4, 1/2, 3/4 of the depth
 
     def layers(self, n_layers: int) -> tuple[int, ...]:
         chosen = self.options["layers"]

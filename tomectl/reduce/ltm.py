@@ -54,8 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
-from .base import LayerSpec, ReductionMethod, Signals, check_layers, within
+from .base import LayerSpec, Option, ReductionMethod, Signals, within
 from .merge import Decision, TokenState, apply_decision, protected_mix
 
 #: inverse temperature of the mask's softmax is learned in log space, kept within [1, MAX_BETA]
@@ -151,34 +150,21 @@ class LTM(ReductionMethod):
     learned = True
     usable_untrained = False
     dense = True
-    option_defaults: dict[str, Any] = {
-        "layers": None,  # blocks (0-based) that may reduce; None: every block (the paper's LTM blocks)
-        "dim": None,  # mask-module embedding size; None: the block's head dim
-        "tau": 0.02,  # initial temperature of the merging softmax (then learned)
+    options_spec = {
+        # blocks (0-based) that may reduce; None: every block (the paper's LTM blocks)
+        "layers": Option(None, "layers", nullable=True),
+        "dim": Option(None, "int", low=1, nullable=True),  # mask-module embedding size; None: head dim
+        # initial temperature of the merging softmax (then learned, its inverse capped at MAX_BETA)
+        "tau": Option(0.02, "float", low=1 / MAX_BETA, high=1.0),
         # weight of a token's redundancy (similarity to its ToMe partner) against its score
-        "redundancy": 10.0,
-        "ib_weight": 0.1,  # weight of the IB bound, shared by the acting blocks (authors' --ib-weight)
-        "beta": 10.0,  # IB trade-off: weight of the relevance (distortion) term against the rate
+        "redundancy": Option(10.0, "float", low=0),
+        "ib_weight": Option(0.1, "float", low=0),  # weight of the IB bound (authors' --ib-weight)
+        "beta": Option(10.0, "float", low=0),  # IB trade-off: relevance (distortion) against the rate
     }
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        o = self.options
-        self._layers = check_layers(o["layers"], self.name)
-        if o["dim"] is not None and not (isinstance(o["dim"], int) and not isinstance(o["dim"], bool)
-                                         and o["dim"] >= 1):
-            raise UserError(f"method 'ltm': option dim must be a positive integer or null, got {o['dim']!r}")
-        for key, lo, strict in (("tau", 0.0, True), ("ib_weight", 0.0, False), ("beta", 0.0, False),
-                                ("redundancy", 0.0, False)):
-            v = o[key]
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (
-                v > lo if strict else v >= lo)
-            if not ok:
-                bound = "> 0" if strict else ">= 0"
-                raise UserError(f"method 'ltm': option {key} must be a number {bound}, got {v!r}")
-        if 1.0 / o["tau"] > MAX_BETA or o["tau"] > 1.0:
-            raise UserError(f"method 'ltm': option tau must be between {1 / MAX_BETA:g} and 1, "
-                            f"got {o['tau']!r}")
+        self._layers = self.options["layers"]
 
     def layers(self, n_layers: int) -> Optional[tuple[int, ...]]:
         return None if self._layers is None else within(self._layers, n_layers, self.name)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LayerSpec, ReductionMethod, Signals, check_layers, within
+from .base import LayerSpec, Option, ReductionMethod, Signals, within
 from .merge import Decision, protected_mix
 
 
@@ -95,11 +95,11 @@ class PatchMerger(ReductionMethod):
     learned = True
     usable_untrained = False
     dense = True
-    option_defaults = {"layers": None}
+    options_spec = {"layers": Option(None, "layers", nullable=True)}  # None: the middle block
 
     def __init__(self, **options) -> None:
         super().__init__(**options)
-        self._layers = check_layers(self.options["layers"], self.name)
+        self._layers = self.options["layers"]
 
     def layers(self, n_layers: int) -> Optional[tuple[int, ...]]:
         if self._layers is None:

@@ -29,8 +29,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import UserError
-from .base import Signals
+from .base import Option, Signals
 from .merge import NORMS, Decision
 from .tome import ToMe, bipartite_soft_matching
 
@@ -58,16 +57,10 @@ class ToFu(ToMe):
     """Token Fusion: prune matched tokens before `transition`, MLERP-merge them from it on."""
 
     name = "tofu"
-    option_defaults = {"transition": None, "norm": "max"}  # transition None: L // 2 + 1
-
-    def __init__(self, **options) -> None:
-        super().__init__(**options)
-        t = self.options["transition"]
-        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 0):
-            raise UserError(f"method 'tofu': option transition must be a block index >= 0, got {t!r}")
-        if self.options["norm"] not in NORMS:
-            raise UserError(f"method 'tofu': option norm must be one of {', '.join(NORMS)}, "
-                            f"got {self.options['norm']!r}")
+    options_spec = {
+        "transition": Option(None, "int", low=0, nullable=True),  # first merging block; None: L // 2 + 1
+        "norm": Option("max", "choice", choices=NORMS),  # MLERP's target norm
+    }
 
     def transition(self, n_layers: int) -> int:
         """First block (0-based) that merges; earlier blocks prune."""
