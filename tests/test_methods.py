@@ -167,6 +167,29 @@ def test_bat_output_layout_and_weights():
     assert (state.size[:, p + k - m:] >= 1).all()  # c cluster tokens, none empty
 
 
+def test_bat_slots_depend_on_which_tokens_are_attentive_not_on_their_attention_order():
+    """Inside the attentive and the inattentive group tokens are taken in position order, so the
+    slots stay the same when the attention values are shuffled within each group: attention values
+    within rounding of each other (ordered differently by PyTorch and onnxruntime) decide nothing."""
+    g = torch.Generator().manual_seed(6)
+    b, n, p, amount = 2, 40, 1, 15
+    metric = torch.randn(b, n, 8, generator=g)
+    attn = torch.rand(b, n, generator=g).softmax(-1)
+    k, m, _ = bat_counts(n - p, amount, 0.3, 0.5)
+    d = beyond_attentive_tokens(metric, attn, amount, p, clusters=0.3, pairs=0.5, knn=3)
+    shuffled = attn.clone()
+    for i in range(b):
+        order = attn[i, p:].argsort(descending=True) + p
+        for group in (order[:k], order[k:]):
+            shuffled[i, group] = attn[i, group[torch.randperm(len(group), generator=g)]]
+    d2 = beyond_attentive_tokens(metric, shuffled, amount, p, clusters=0.3, pairs=0.5, knn=3)
+    assert torch.equal(d.dst, d2.dst)
+    # equal attention everywhere (exact ties): the attentive tokens are the first k by position
+    flat = beyond_attentive_tokens(metric, torch.full_like(attn, 1.0 / n), amount, p, clusters=0.3, pairs=0.5,
+                                   knn=3)
+    assert (flat.dst[:, p:p + k] < p + k - m).all() and (flat.dst[:, p + k:] >= p + k - m).all()
+
+
 # --- in a timm ViT ----------------------------------------------------------------------------------
 
 

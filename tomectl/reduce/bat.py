@@ -17,14 +17,20 @@ and MLP:
      its nearest centre.
 4. Diversity, attentive side: the ``m`` most similar pairs of attentive tokens (homogeneous
    tokens) are matched and merged, with ToMe's bipartite matching (`tome.bipartite_soft_matching`)
-   over the attentive tokens in attention order.
+   over the attentive tokens in position order (ToMe's alternation by position).
+
+Only *which* tokens are attentive depends on the attention values; inside each group tokens are
+taken in position order, and every tie (equal scores, equal distances) goes to the lower index, so
+the decisions do not hang on how two attention values within rounding of each other are ordered
+(PyTorch and onnxruntime differ there by rounding: ordering the attentive tokens by attention made
+1.3 % of images take other decisions in onnxruntime than in PyTorch).
 
 Distances ``d`` are between the keys averaged over heads, L2-normalised (the ToMe similarity;
 ``d^2 = 2 - 2 cos``). All counts (k, m, c) are Python ints fixed by the schedule, so the graph is
 static: a block that receives n unprotected tokens and removes ``r`` outputs
 ``n - r = (k - m) + c`` of them. How r is split (``clusters``: cluster tokens as a fraction of the
 output, ``pairs``: attentive pairs merged per cluster token) is an option of this implementation.
-Output order: [protected, attentive tokens (after matching), cluster tokens].
+Output order: [protected, attentive tokens (after matching, position order), cluster tokens].
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import Optional
 import torch
 
 from ..errors import UserError
-from .base import Option, ReductionMethod, Signals, within
+from .base import LayerSpec, Option, ReductionMethod, Signals, within
 from .evit import attention_order, default_layers, fusion_weight
 from .merge import Decision, identity_slots, slots_of
 from .tome import bipartite_soft_matching
@@ -78,7 +84,9 @@ def density_peak_clusters(metric: torch.Tensor, c: int, knn: int) -> tuple[torch
     denser = density[:, None, :] > density[:, :, None]  # [B, i, j]: j denser than i
     far = dist.amax(dim=(1, 2), keepdim=True).expand(b, n, n)
     delta = torch.where(denser, dist, far).amin(dim=-1)  # densest token: the largest distance
-    centres = (density * delta).topk(c, dim=-1).indices  # [B, c]
+    # the c best scores; ties go to the lower index, as ONNX TopK breaks them (torch.topk promises
+    # no order among equal values)
+    centres = (density * delta).argsort(dim=-1, descending=True, stable=True)[:, :c]  # [B, c]
     to_centre = dist.gather(2, centres[:, None, :].expand(b, n, c))  # [B, n, c]
     is_centre = torch.arange(n, device=metric.device)[None, :, None] == centres[:, None, :]
     cluster = to_centre.masked_fill(is_centre, -1.0).argmin(dim=-1)  # a centre joins its own cluster
@@ -102,19 +110,26 @@ def beyond_attentive_tokens(metric: torch.Tensor, cls_attn: torch.Tensor, amount
     a = cls_attn[:, protected:]
     feats = metric[:, protected:]
     feats = feats / feats.norm(dim=-1, keepdim=True)
-    order, rank = attention_order(a)  # rank -> token, token -> rank
+    _, rank = attention_order(a)  # token -> rank by attention
+    attentive = rank < k
+    # Both groups in position order: which tokens are attentive depends on the attention, but the
+    # order inside a group does not, so the pairing's A/B alternation (ToMe's, by position) and
+    # every tie-break below hang on positions, never on attention values within rounding of each
+    # other (which PyTorch and onnxruntime may order differently).
+    pos = torch.arange(n_free, device=metric.device).expand(b, n_free)
+    by_group = torch.where(attentive, pos, pos + n_free).argsort(dim=-1)  # place -> token: attentive first
+    place = by_group.argsort(dim=-1)  # token -> place (int keys, all distinct: no ties)
     c_dim = feats.shape[-1]
 
-    att = feats.gather(1, order[:, :k, None].expand(b, k, c_dim))  # [B, k, C] attention order
+    att = feats.gather(1, by_group[:, :k, None].expand(b, k, c_dim))  # [B, k, C] position order
     matched = bipartite_soft_matching(att, m, 0) if m > 0 else None
     att_slot = identity_slots(b, k, metric.device) if matched is None else slots_of(matched, k)  # [B, k]
 
-    inatt = feats.gather(1, order[:, k:, None].expand(b, n_free - k, c_dim))  # [B, n_in, C]
+    inatt = feats.gather(1, by_group[:, k:, None].expand(b, n_free - k, c_dim))  # [B, n_in, C]
     cluster, _ = density_peak_clusters(inatt, c, knn)  # [B, n_in]
 
-    attentive = rank < k
-    slot_a = att_slot.gather(1, rank.clamp(max=k - 1))
-    slot_i = (k - m) + cluster.gather(1, (rank - k).clamp(min=0))
+    slot_a = att_slot.gather(1, place.clamp(max=k - 1))
+    slot_i = (k - m) + cluster.gather(1, (place - k).clamp(min=0))
     free_slot = protected + torch.where(attentive, slot_a, slot_i)
     dst = torch.cat([identity_slots(b, protected, metric.device), free_slot], dim=1)
     w_free = torch.where(attentive, torch.ones_like(a),
@@ -142,8 +157,9 @@ class BAT(ReductionMethod):
     def capacity(self, n_tokens: int, protected: int) -> int:
         return max(0, n_tokens - protected - 2)
 
-    def overhead_macs(self, n_tokens: int, amount: int, protected: int, head_dim: int,
-                      num_heads: int = 1, embed_dim: int = 0) -> int:
+    def overhead_macs(self, spec: LayerSpec) -> int:
+        n_tokens, amount = spec.n_tokens, spec.amount
+        protected, head_dim, num_heads = spec.protected, spec.head_dim, spec.num_heads
         if amount <= 0:
             return 0
         n_free = n_tokens - protected
