@@ -106,8 +106,15 @@ def test_overhead_macs_equal_the_flop_counter():
         with torch.no_grad(), counter:
             apply_decision(method.decide(amount, s), s.x, s.state)
         measured = counter.get_total_flops() // 2 // 2  # MACs per image (batch 2)
-        assert measured == method.overhead_macs(20, amount, p, 16, num_heads=2, embed_dim=32)
-    assert method.overhead_macs(20, 0, 1, 16, 2, 32) == 0
+        assert measured == method.overhead_macs(_spec(20, amount, p, 16, num_heads=2, embed_dim=32))
+    assert method.overhead_macs(_spec(20, 0, 1, 16, 2, 32)) == 0
+
+
+def _spec(n_tokens, amount, protected, head_dim, num_heads, embed_dim):
+    from tomectl.reduce import LayerSpec
+
+    return LayerSpec(layer=0, n_tokens=n_tokens, amount=amount, protected=protected, embed_dim=embed_dim,
+                     num_heads=num_heads, head_dim=head_dim)
 
 
 def test_options_are_checked():

@@ -18,6 +18,8 @@ from typing import Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
+from .reduce import LayerSpec
+
 
 @dataclass(frozen=True)
 class LayerMacs:
@@ -55,9 +57,9 @@ def analytic_macs(dims, removed: Sequence[int], method=None, formulation: str = 
         attn = n * dims.attn_linear_macs[i] + 2 * n * n * dims.attn_dims[i]
         red = 0
         if r > 0 and method is not None:
-            red = method.overhead_macs(n, r, dims.protected, dims.head_dims[i],
-                                       num_heads=dims.attn_dims[i] // dims.head_dims[i],
-                                       embed_dim=dims.embed_dim)
+            red = method.overhead_macs(LayerSpec(
+                layer=i, n_tokens=n, amount=r, protected=dims.protected, embed_dim=dims.embed_dim,
+                num_heads=dims.attn_dims[i] // dims.head_dims[i], head_dim=dims.head_dims[i]))
             if formulation == "onehot" and not method.dense:
                 red += n * (n - r) * (dims.embed_dim + 1)
         m = n - r

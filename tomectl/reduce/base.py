@@ -105,7 +105,8 @@ class Option:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """Shapes of one block under a plan, for building a learned method's parameters.
+    """Shapes of one block under a plan: what a learned method builds its parameters from, and what
+    `ReductionMethod.overhead_macs` prices.
 
     key_weight / key_bias: the block's key projection ([H*d, C], [H*d]) as plain tensors, for methods
     that start from the keys' similarity (DTEM); None where the model has no separate key projection.
@@ -168,9 +169,9 @@ class ReductionMethod:
         """Most tokens this method can remove at one layer that receives `n_tokens`."""
         raise NotImplementedError
 
-    def overhead_macs(self, n_tokens: int, amount: int, protected: int, head_dim: int,
-                      num_heads: int = 1, embed_dim: int = 0) -> int:
-        """Multiply-accumulates of the decision itself (matching, the class-attention row), per image."""
+    def overhead_macs(self, spec: LayerSpec) -> int:
+        """Multiply-accumulates of the decision itself (matching, the class-attention row), per image,
+        at a block of shapes `spec` removing `spec.amount` tokens."""
         return 0
 
     def make_modules(self, specs: Sequence[LayerSpec]) -> dict[int, nn.Module]:

@@ -137,8 +137,9 @@ class DTEM(ToMe):
     def _dim(self, head_dim: int) -> int:
         return self.options["dim"] or head_dim
 
-    def overhead_macs(self, n_tokens: int, amount: int, protected: int, head_dim: int,
-                      num_heads: int = 1, embed_dim: int = 0) -> int:
+    def overhead_macs(self, spec: LayerSpec) -> int:
+        n_tokens, amount = spec.n_tokens, spec.amount
+        protected, head_dim, embed_dim = spec.protected, spec.head_dim, spec.embed_dim
         if amount <= 0:
             return 0
         dim = self._dim(head_dim)

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..errors import UserError
-from .base import Option, ReductionMethod, Signals, within
+from .base import LayerSpec, Option, ReductionMethod, Signals, within
 from .merge import Decision, identity_slots
 
 
@@ -87,8 +87,8 @@ class EViT(ReductionMethod):
     def capacity(self, n_tokens: int, protected: int) -> int:
         return max(0, n_tokens - protected - 2)  # keep at least one token, plus the fused one
 
-    def overhead_macs(self, n_tokens: int, amount: int, protected: int, head_dim: int,
-                      num_heads: int = 1, embed_dim: int = 0) -> int:
+    def overhead_macs(self, spec: LayerSpec) -> int:
+        n_tokens, amount, head_dim, num_heads = spec.n_tokens, spec.amount, spec.head_dim, spec.num_heads
         if amount <= 0:
             return 0
         return num_heads * head_dim * n_tokens  # q_cls . K^T, the class token's attention row

@@ -109,8 +109,8 @@ class PatchMerger(ReductionMethod):
     def capacity(self, n_tokens: int, protected: int) -> int:
         return max(0, n_tokens - protected - 1)
 
-    def overhead_macs(self, n_tokens: int, amount: int, protected: int, head_dim: int,
-                      num_heads: int = 1, embed_dim: int = 0) -> int:
+    def overhead_macs(self, spec: LayerSpec) -> int:
+        n_tokens, amount, protected, embed_dim = spec.n_tokens, spec.amount, spec.protected, spec.embed_dim
         if amount <= 0:
             return 0
         n_free = n_tokens - protected

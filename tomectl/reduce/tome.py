@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from .base import ReductionMethod, Signals
+from .base import LayerSpec, ReductionMethod, Signals
 from .merge import Bipartite, Decision, bipartite_starts
 
 
@@ -74,8 +74,8 @@ class ToMe(ReductionMethod):
     def capacity(self, n_tokens: int, protected: int) -> int:
         return (n_tokens - protected) // 2
 
-    def overhead_macs(self, n_tokens: int, amount: int, protected: int, head_dim: int,
-                      num_heads: int = 1, embed_dim: int = 0) -> int:
+    def overhead_macs(self, spec: LayerSpec) -> int:
+        n_tokens, amount, protected, head_dim = spec.n_tokens, spec.amount, spec.protected, spec.head_dim
         if amount <= 0:
             return 0
         n_free = n_tokens - protected
