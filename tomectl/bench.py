@@ -49,7 +49,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -58,6 +58,7 @@ from .bench_worker import run_worker
 from .errors import UserError
 from .recipe import Recipe
 from .reduced import BACKENDS, GPU_BACKENDS, Target, check_backends
+from .runtime import Progress
 
 __all__ = ["BACKENDS", "GPU_BACKENDS", "BenchReport", "BenchRow", "LatencyStats", "check_backends",
            "export_for_bench", "measure_latency", "run_bench"]
@@ -73,7 +74,6 @@ NOISY_SPREAD = 0.25
 # is the graph's rounding unless a near-tie could not be matched.
 RANDOM_WEIGHTS_ATOL = 5e-2
 
-Progress = Optional[Callable[[str, int, int], None]]
 BENCH_PRECISION_CHECK = 128  # images an fp16/int8 graph is validated on before it is timed (real weights)
 
 

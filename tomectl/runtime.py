@@ -23,6 +23,11 @@ import torch
 from .errors import UserError
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
+#: the progress callbacks of long library calls: `progress(what, done, total)` for counted work
+#: (bench, calibrate), `status(message)` for steps without a count (export)
+ProgressFn = Callable[[str, int, int], None]
+Progress = Optional[ProgressFn]
+Status = Optional[Callable[[str], None]]
 
 ORT_PROVIDERS = {
     "ort": ["CPUExecutionProvider"],

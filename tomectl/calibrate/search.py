@@ -4,16 +4,15 @@ evolutionary per-layer search) and for a latency budget (bracketed interpolation
 from __future__ import annotations
 
 import random
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 from ..errors import UserError
 from ..recipe import Recipe
+from ..runtime import ProgressFn
 from ..schedule import Schedule
 from .budget import Budget, _ceil
 from .scorer import Scorer
 from .space import Candidate, Space, families, family_candidates, mutate
-
-ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
 
 MAX_LATENCY_MEASUREMENTS = 8
 SCREEN_IMAGES = 48  # family candidates are first screened on this many images

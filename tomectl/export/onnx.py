@@ -43,7 +43,7 @@ from torch import nn
 
 from ..artifact import atomic_file, write_json
 from ..errors import UserError
-from ..runtime import chunks, ort_session, run_session
+from ..runtime import Status, chunks, ort_session, run_session
 
 _chunks = chunks  # older name, still imported by export/tensorrt.py
 
@@ -58,7 +58,7 @@ NEAR_TIE_TRIES = 16
 MAX_PROTO_BYTES = 2**31 - 1  # protobuf limit; larger models would need ONNX external data
 SHARED_CALIB = ("data", "imagenet-train-1000")
 
-Progress = Optional[Callable[[str], None]]
+Progress = Status  # export reports steps, not counts
 
 
 class ExportCheckError(UserError):
