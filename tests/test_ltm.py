@@ -13,7 +13,7 @@ import tomectl
 from tomectl.adapters import vit
 from tomectl.errors import UserError
 from tomectl.flops import analytic_macs, measured_macs
-from tomectl.reduce import METHODS, LayerSpec, Signals, TokenState, apply_decision, get_method
+from tomectl.reduce import METHODS, LayerSpec, MixDecision, Signals, TokenState, apply_decision, get_method
 from tomectl.reduce.ltm import LTM, MaskModule, ltm_mix
 from tomectl.schedule import token_counts
 
@@ -51,7 +51,7 @@ def test_merging_weights_keep_every_token_and_the_protected_ones_in_place():
     size = torch.randint(1, 4, (2, 20, 1)).float()
     s = _signals(module=module, size=size)
     d = method.decide(7, s)
-    assert d.dst is None and d.n_out == 13 and d.mix.shape == (2, 13, 20)
+    assert isinstance(d, MixDecision) and d.n_out == 13 and d.mix.shape == (2, 13, 20)
     mix = d.mix
     assert torch.equal(mix[:, :1], torch.eye(20)[:1].expand(2, 1, 20))  # class token: itself only
     assert torch.equal(mix[:, 1:, :1], torch.zeros(2, 12, 1))  # never merged into anything

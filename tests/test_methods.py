@@ -13,7 +13,8 @@ from tomectl.errors import UserError
 from tomectl.flops import analytic_macs, measured_macs
 from tomectl.reduce import (
     METHODS,
-    Decision,
+    BipartiteDecision,
+    SlotDecision,
     TokenState,
     apply_decision,
     attentive_fusion,
@@ -56,8 +57,8 @@ def test_mlerp_keeps_direction_and_takes_the_largest_member_norm(formulation):
     dst = torch.tensor([[0, 0, 1, 1, 1, 2]] * 2)  # groups {0,1}, {2,3,4}, {5}
     size = torch.tensor([1.0, 2.0, 1.0, 1.0, 3.0, 1.0]).view(1, 6, 1).expand(2, 6, 1)
     state = TokenState(protected=0, size=size)
-    plain, _ = apply_decision(Decision(dst, 3), x, state, formulation)
-    mlerp, new_state = apply_decision(Decision(dst, 3, norm="max"), x, state, formulation)
+    plain, _ = apply_decision(SlotDecision(dst=dst, n_out=3), x, state, formulation)
+    mlerp, new_state = apply_decision(SlotDecision(dst=dst, n_out=3, norm="max"), x, state, formulation)
     norms = x.norm(dim=-1)
     expected = torch.stack([norms[:, :2].amax(-1), norms[:, 2:5].amax(-1), norms[:, 5]], dim=-1)
     assert torch.allclose(mlerp.norm(dim=-1), expected, rtol=1e-5)
@@ -75,7 +76,7 @@ def test_mlerp_ignores_dropped_members_and_formulations_agree():
     x[0, 1] *= 10  # a huge token that is dropped must not set the norm
     dst = torch.tensor([[0, 0, 0, 1]])
     weight = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
-    d = Decision(dst, 2, weight=weight, norm="max")
+    d = SlotDecision(dst=dst, n_out=2, weight=weight, norm="max")
     a, _ = apply_decision(d, x, TokenState(0), "scatter")
     b, _ = apply_decision(d, x, TokenState(0), "onehot")
     assert torch.allclose(a, b, atol=1e-6)
@@ -100,7 +101,7 @@ def test_tofu_prune_drops_the_source_and_leaves_its_destination_exact():
     # pruning keeps every token a single patch: no sizes (no attention bias) in the scatter form
     assert apply_decision(d, x, TokenState(1))[1].size is None
     merged = token_fusion(metric, 3, protected=1, prune=False)
-    assert merged.weight is None and merged.norm == "max" and not merged.match.drop
+    assert isinstance(merged, BipartiteDecision) and merged.norm == "max" and not merged.match.drop
     assert torch.equal(slots_of(merged, 11), slots_of(d, 11))
 
 

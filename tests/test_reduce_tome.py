@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tomectl.reduce import TokenState, apply_decision, bipartite_soft_matching
-from tomectl.reduce.merge import Decision, slots_of
+from tomectl.reduce.merge import SlotDecision, slots_of
 
 
 def test_matching_merges_the_most_similar_pairs():
@@ -92,7 +92,7 @@ def test_size_weighted_average_and_sizes_add_up():
     x = torch.tensor([[[1.0, 0.0], [3.0, 3.0], [0.0, 6.0], [5.0, 5.0]]])
     size = torch.tensor([[[1.0], [1.0], [2.0], [1.0]]])
     state = TokenState(protected=1, size=size)
-    d = Decision(dst=torch.tensor([[0, 1, 1, 2]]), n_out=3)
+    d = SlotDecision(dst=torch.tensor([[0, 1, 1, 2]]), n_out=3)
     for f in ("scatter", "onehot"):
         out, st = apply_decision(d, x, state, f)
         # slot 1 = (1*[3,3] + 2*[0,6]) / 3 = [1, 5]
@@ -102,7 +102,7 @@ def test_size_weighted_average_and_sizes_add_up():
 
 def test_zero_weight_prunes_a_token():
     x = torch.tensor([[[1.0], [2.0], [10.0]]])
-    d = Decision(dst=torch.tensor([[0, 1, 1]]), n_out=2, weight=torch.tensor([[1.0, 1.0, 0.0]]))
+    d = SlotDecision(dst=torch.tensor([[0, 1, 1]]), n_out=2, weight=torch.tensor([[1.0, 1.0, 0.0]]))
     state = TokenState.start(x, protected=1, track_source=True)
     for f in ("scatter", "onehot"):
         out, st = apply_decision(d, x, state, f)

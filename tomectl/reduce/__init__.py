@@ -13,7 +13,16 @@ from .bat import BAT, beyond_attentive_tokens, density_peak_clusters
 from .dtem import DTEM, relaxed_matching
 from .evit import EViT, attentive_fusion
 from .ltm import LTM
-from .merge import FORMULATIONS, Decision, TokenState, apply_decision, mlerp_rescale
+from .merge import (
+    FORMULATIONS,
+    BipartiteDecision,
+    Decision,
+    MixDecision,
+    SlotDecision,
+    TokenState,
+    apply_decision,
+    mlerp_rescale,
+)
 from .patchmerger import PatchMerger
 from .tofu import ToFu, token_fusion
 from .tome import ToMe, bipartite_soft_matching
@@ -36,6 +45,9 @@ def get_method(name: str, options: Optional[dict] = None) -> ReductionMethod:
 
 __all__ = [
     "BAT",
+    "BipartiteDecision",
+    "MixDecision",
+    "SlotDecision",
     "FORMULATIONS",
     "METHODS",
     "DTEM",

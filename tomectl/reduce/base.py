@@ -145,7 +145,7 @@ class ReductionMethod:
     #: whether its training-mode (relaxed) decisions rely on proportional attention, so training
     #: with prop_attn off is refused (DTEM: a merged-away token vanishes only through its log-size)
     trains_with_prop_attn: bool = False
-    #: whether decisions are dense mixing matrices (`Decision.mix`), whose matmul `overhead_macs`
+    #: whether decisions are dense mixing matrices (`MixDecision`), whose matmul `overhead_macs`
     #: counts itself in every formulation
     dense: bool = False
 

@@ -42,7 +42,7 @@ import torch
 from ..errors import UserError
 from .base import LayerSpec, Option, ReductionMethod, Signals, within
 from .evit import attention_order, default_layers, fusion_weight
-from .merge import Decision, identity_slots, slots_of
+from .merge import Decision, SlotDecision, identity_slots, slots_of
 from .tome import bipartite_soft_matching
 
 
@@ -135,7 +135,7 @@ def beyond_attentive_tokens(metric: torch.Tensor, cls_attn: torch.Tensor, amount
     w_free = torch.where(attentive, torch.ones_like(a),
                          fusion_weight(a, None if size is None else size[:, protected:]))
     weight = torch.cat([a.new_ones(b, protected), w_free], dim=1)
-    return Decision(dst=dst, n_out=n - amount, weight=weight)
+    return SlotDecision(dst=dst, n_out=n - amount, weight=weight)
 
 
 class BAT(ReductionMethod):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import LayerSpec, Option, Signals
-from .merge import Decision
+from .merge import Decision, MixDecision
 from .tome import ToMe, bipartite_soft_matching
 
 
@@ -118,7 +118,7 @@ def relaxed_matching(metric: torch.Tensor, r: int, protected: int, presence: Opt
     new_pres = pres.clone()
     new_pres[:, a_idx] = pa * (1 - frac)
     presence_out = torch.cat([metric.new_ones(b, protected), new_pres], dim=1)[..., None]
-    return Decision(dst=None, n_out=n, mix=mix, presence=presence_out)
+    return MixDecision(n_out=n, mix=mix, presence=presence_out)
 
 
 class DTEM(ToMe):

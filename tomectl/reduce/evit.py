@@ -22,7 +22,7 @@ import torch
 
 from ..errors import UserError
 from .base import LayerSpec, Option, ReductionMethod, Signals, within
-from .merge import Decision, identity_slots
+from .merge import Decision, SlotDecision, identity_slots
 
 
 def attention_order(attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +65,7 @@ def attentive_fusion(cls_attn: torch.Tensor, keep: int, protected: int,
     fused_w = fusion_weight(a, None if size is None else size[:, protected:])
     w_free = torch.where(kept, torch.ones_like(a), fused_w)
     weight = torch.cat([cls_attn.new_ones(b, protected), w_free], dim=1)
-    return Decision(dst=dst, n_out=protected + keep + 1, weight=weight)
+    return SlotDecision(dst=dst, n_out=protected + keep + 1, weight=weight)
 
 
 def default_layers(n_layers: int) -> tuple[int, ...]:

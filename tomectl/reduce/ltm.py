@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import LayerSpec, Option, ReductionMethod, Signals, within
-from .merge import Decision, TokenState, apply_decision, protected_mix
+from .merge import Decision, MixDecision, TokenState, apply_decision, protected_mix
 
 #: inverse temperature of the mask's softmax is learned in log space, kept within [1, MAX_BETA]
 MAX_BETA = 100.0
@@ -119,7 +119,7 @@ class MaskModule(nn.Module):
 
 def ltm_mix(assign: torch.Tensor, protected: int) -> torch.Tensor:
     """[B, n, m] assignment of the unprotected tokens -> [B, protected + m, protected + n] mixing
-    matrix (`Decision.mix`) that keeps the protected tokens in place."""
+    matrix (`MixDecision.mix`) that keeps the protected tokens in place."""
     return protected_mix(assign.transpose(1, 2), protected)
 
 
@@ -204,7 +204,7 @@ class LTM(ReductionMethod):
         n = x.shape[1] - p
         h = signals.x_norm if signals.x_norm is not None else F.layer_norm(x, x.shape[-1:])
         assign, log_assign, log_prior, is_target = module(h[:, p:], n - amount)
-        decision = Decision(dst=None, n_out=x.shape[1] - amount, mix=ltm_mix(assign, p))
+        decision = MixDecision(n_out=x.shape[1] - amount, mix=ltm_mix(assign, p))
         module.aux_loss = None
         if module.training:
             merged, _ = apply_decision(decision, x, TokenState(p, size=state.size))

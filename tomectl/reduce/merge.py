@@ -95,7 +95,7 @@ class Bipartite:
         return self.protected % 2 == 0
 
     def slots(self, n: int, rank: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The same decision as output slots: [B, n] (`Decision.dst`) for `n` input tokens.
+        """The same decision as output slots: [B, n] (`SlotDecision.dst`) for `n` input tokens.
         `rank`: `self.rank()` where the caller has it already."""
         b, n_a = self.order.shape
         p, r = self.protected, self.r
@@ -131,48 +131,69 @@ class Bipartite:
 
 @dataclass(frozen=True)
 class Decision:
-    """Where each input token goes.
+    """Where each input token goes: one of three kinds, `SlotDecision`, `BipartiteDecision` or
+    `MixDecision`. n_out: number of output tokens (a Python int, so shapes stay static)."""
+
+    n_out: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlotDecision(Decision):
+    """A hard decision as an output slot per input token.
 
     dst:    [B, N] int64, the output slot (0..n_out-1) of each input token. Every slot receives
-            at least one token with a non-zero weight. None for a dense or a bipartite decision
-            (`slots_of` gives every hard decision's slots).
-    n_out:  number of output tokens (a Python int, so shapes stay static).
+            at least one token with a non-zero weight.
     weight: [B, N] optional extra averaging weight per input token (multiplies its size). A
             weight of exactly 0 *drops* the token: it neither moves the average nor adds its
             size to the destination (pruning).
     norm:   None for the plain (weighted) average; "max" rescales each merged token to the largest
-            norm among its (non-dropped) members (ToFu's MLERP).
-    mix:    [B, n_out, N] dense merge weights (see the module docstring) instead of `dst`; every
-            output row must hold some weight. Neither `weight` nor `norm` goes with it.
-    presence: [B, n_out, 1] for relaxed (training-time) merges that keep every token: how much of
-            each output token is still its own (1: untouched, near 0: merged away). Carried in the
-            TokenState for the next relaxed decision; None for hard decisions.
+            norm among its (non-dropped) members (ToFu's MLERP), "mean" to their mean norm.
     """
 
-    dst: Optional[torch.Tensor]
-    n_out: int
+    dst: torch.Tensor
     weight: Optional[torch.Tensor] = None
     norm: Optional[str] = None
-    mix: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BipartiteDecision(Decision):
+    """ToMe's matching in its own terms (`Bipartite`: A tokens by edge similarity and each one's
+    partner), merged by the gather form in the scatter formulation; `norm` as in `SlotDecision`."""
+
+    match: Bipartite
+    norm: Optional[str] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixDecision(Decision):
+    """A dense decision (learned methods; DTEM's relaxed merge while training).
+
+    mix:      [B, n_out, N] merge weights (see the module docstring); every output row must hold
+              some weight.
+    presence: [B, n_out, 1] for relaxed (training-time) merges that keep every token: how much of
+              each output token is still its own (1: untouched, near 0: merged away). Carried in
+              the TokenState for the next relaxed decision; None for hard decisions.
+    """
+
+    mix: torch.Tensor
     presence: Optional[torch.Tensor] = None
-    match: Optional[Bipartite] = None
 
 
 def slots_of(decision: Decision, n: int) -> torch.Tensor:
     """[B, n] output slot of each of the `n` input tokens, for a slot or a bipartite decision."""
-    if decision.dst is not None:
+    if isinstance(decision, SlotDecision):
         return decision.dst
-    if decision.match is None:
-        raise ValueError("a dense (mix) decision has no slots")
-    return decision.match.slots(n)
+    if isinstance(decision, BipartiteDecision):
+        return decision.match.slots(n)
+    raise ValueError("a dense (mix) decision has no slots")
 
 
-def _as_slots(decision: Decision, x: torch.Tensor) -> Decision:
+def _as_slots(decision: BipartiteDecision, x: torch.Tensor) -> SlotDecision:
     """A bipartite decision rewritten in the slot form (dropping = a zero weight)."""
     m, n = decision.match, x.shape[1]
     rank = m.rank()
     weight = (~m.matched(n, rank)).to(x.dtype) if m.drop else None
-    return replace(decision, dst=m.slots(n, rank), match=None, weight=weight)
+    return SlotDecision(n_out=decision.n_out, dst=m.slots(n, rank), weight=weight, norm=decision.norm)
 
 
 @dataclass(frozen=True)
@@ -183,7 +204,7 @@ class TokenState:
                merged or pruned and keep their positions.
     size:      [B, N, 1] float, or None while every token is still a single patch.
     source:    [B, N, N0] float 0/1 membership of the original tokens, or None (not tracked).
-    presence:  [B, N, 1] relaxed merging only (see `Decision.presence`), else None.
+    presence:  [B, N, 1] relaxed merging only (see `MixDecision.presence`), else None.
     """
 
     protected: int
@@ -224,14 +245,16 @@ def apply_decision(
     formulation: str = "scatter",
 ) -> tuple[torch.Tensor, TokenState]:
     """Carry out `decision` on tokens `x` [B, N, C]; returns the new tokens [B, n_out, C] and state."""
-    if decision.mix is not None:
+    if isinstance(decision, MixDecision):
         return _apply_mix(decision, x, state)
+    if not isinstance(decision, (SlotDecision, BipartiteDecision)):
+        raise TypeError(f"not a decision: {type(decision).__name__}")
     if decision.norm is not None and decision.norm not in NORMS:
         raise ValueError(f"unknown merge norm {decision.norm!r}; choose one of {NORMS}")
     if formulation not in FORMULATIONS:
         raise ValueError(f"unknown merge formulation {formulation!r}; choose one of {FORMULATIONS}")
-    if decision.match is not None:
-        if formulation == "scatter" and decision.weight is None:
+    if isinstance(decision, BipartiteDecision):
+        if formulation == "scatter":
             return _apply_bipartite(decision, x, state)
         decision = _as_slots(decision, x)
     size = state.sizes(x)
@@ -279,10 +302,10 @@ def apply_decision(
         out, target = out[..., :-1], out[..., -1:]
     if member_norm is not None:
         out = mlerp_rescale(out, target)
-    return out, replace(state, size=new_size, source=source, presence=decision.presence)
+    return out, replace(state, size=new_size, source=source, presence=None)
 
 
-def _apply_bipartite(decision: Decision, x: torch.Tensor,
+def _apply_bipartite(decision: BipartiteDecision, x: torch.Tensor,
                      state: TokenState) -> tuple[torch.Tensor, TokenState]:
     """The scatter formulation of a bipartite decision, on flat rows (the batch folded in).
 
@@ -310,7 +333,7 @@ def _apply_bipartite(decision: Decision, x: torch.Tensor,
     def done(out, new_size, source):
         source = None if source is None else source.view(b, n_out, -1)
         new_size = None if new_size is None else new_size.view(b, n_out, 1)
-        return out.view(b, n_out, c), TokenState(state.protected, new_size, source, decision.presence)
+        return out.view(b, n_out, c), TokenState(state.protected, new_size, source, None)
 
     if m.drop:  # pruning: the matched A tokens vanish; B tokens and sizes stay exactly as they were
         return done(y, s_keep, None if src_flat is None else src_flat.index_select(0, keep))
@@ -390,9 +413,7 @@ def _add_rows(t: torch.Tensor, rows: torch.Tensor, batch: int, n_out: int) -> to
     return out.view(batch, n_out, k)
 
 
-def _apply_mix(decision: Decision, x: torch.Tensor, state: TokenState) -> tuple[torch.Tensor, TokenState]:
-    if decision.weight is not None or decision.norm is not None:
-        raise ValueError("a dense (mix) decision takes neither weight nor norm")
+def _apply_mix(decision: MixDecision, x: torch.Tensor, state: TokenState) -> tuple[torch.Tensor, TokenState]:
     mix = decision.mix.to(x.dtype)
     size = state.sizes(x)
     num = mix @ (x * size)
@@ -403,7 +424,7 @@ def _apply_mix(decision: Decision, x: torch.Tensor, state: TokenState) -> tuple[
 
 def protected_mix(weights: torch.Tensor, protected: int) -> torch.Tensor:
     """[B, m, n] dense merge weights over the unprotected tokens -> the [B, protected + m,
-    protected + n] `Decision.mix` that keeps the protected tokens in place (concatenation, no
+    protected + n] `MixDecision.mix` that keeps the protected tokens in place (concatenation, no
     scatter)."""
     b, m, n = weights.shape
     if protected == 0:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import LayerSpec, Option, ReductionMethod, Signals, within
-from .merge import Decision, protected_mix
+from .merge import Decision, MixDecision, protected_mix
 
 
 class PatchMergerModule(nn.Module):
@@ -129,4 +129,4 @@ class PatchMerger(ReductionMethod):
             raise ValueError("patchmerger needs its learned queries")
         p = signals.state.protected
         weights = module(signals.x[:, p:])  # [B, M, n]
-        return Decision(dst=None, n_out=p + weights.shape[1], mix=patch_merger_mix(weights, p))
+        return MixDecision(n_out=p + weights.shape[1], mix=patch_merger_mix(weights, p))

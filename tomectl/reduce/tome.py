@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from .base import LayerSpec, ReductionMethod, Signals
-from .merge import Bipartite, Decision, bipartite_starts
+from .merge import Bipartite, BipartiteDecision, Decision, bipartite_starts
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) -> Optional[Decision]:
@@ -63,7 +63,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) ->
     if protected > 0:  # the unmerged A tokens stay in position order (the reference sorts them)
         order = torch.cat([order[:, :r], order[:, r:].sort(dim=-1).values], dim=1)
     match = Bipartite(order=order, partner=partner, r=r, protected=protected)
-    return Decision(dst=None, n_out=n - r, match=match)
+    return BipartiteDecision(n_out=n - r, match=match)
 
 
 class ToMe(ReductionMethod):
