@@ -128,7 +128,7 @@ def test_generic_static_quantizer_graph_is_refused(tome13, train_dir, tmp_path):
 
 def test_fp16_and_int8_graphs_pass_by_default(tome13, train_dir, tmp_path):
     red, d = tome13
-    check = _check_images(red, train_dir, 48)
+    check = _check_images(red, train_dir, prec.DEFAULT_CHECK_IMAGES)  # the default settings
     for precision in ("fp16", "int8"):
         out = tmp_path / f"{precision}.onnx"
         prec.convert(d / "fp32.onnx", out, prec.PrecisionOptions(precision), None)
@@ -169,25 +169,10 @@ def test_export_int8_end_to_end_and_refusal(tiny_weights, train_dir, tmp_path, m
     assert not bad.exists() and not (tmp_path / "bad.onnx.json").exists()
 
 
-def test_bench_times_the_int8_graph_export_writes(tmp_path):
-    """`bench --precision fp32,int8` gives a row per precision, against the fp32 unreduced row, and
-    its int8 graph is byte for byte `export --onnx --precision int8`'s (random weights: not
-    validated, which the notes say)."""
+def test_bench_precision_needs_a_graph_backend():
+    """(bench's int8 rows and their bytes: tests/test_reduced.py)"""
     from tomectl.bench import run_bench
-    from tomectl.cli import main
-    from tomectl.models import sha256_of
 
-    out = tmp_path / "m.onnx"
-    assert main(["export", "deit_tiny_patch16_224", "--r", "13", "--random-weights", "--onnx", str(out),
-                 "--precision", "int8", "--no-simplify", "--json"]) == 0
-    rep = run_bench("deit_tiny_patch16_224", [13], ["ort"], [1], iters=1, warmup=0, random_weights=True,
-                    simplify=False, precisions=["fp32", "int8"])
-    labels = [r.label for r in rep.rows]
-    assert labels == ["r=0", "r=13", "r=0 int8", "r=13 int8"]
-    row = rep.row("ort", 1, "r=13 int8")
-    assert row.precision == "int8" and row.error is None and row.speedup is not None
-    assert row.graph_sha256 == sha256_of(out)
-    assert any("int8 graph not validated" in n for n in rep.notes)
     with pytest.raises(UserError, match="ort and trt"):
         run_bench("deit_tiny_patch16_224", [13], ["torch"], [1], iters=1, random_weights=True,
                   precisions=["int8"])

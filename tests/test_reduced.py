@@ -139,7 +139,7 @@ def test_export_report_gmacs_match_flop_counter(tmp_path):
 def test_bench_and_calibrate_time_the_bytes_export_writes(tmp_path):
     """For one artifact at batch 2: the graph `tomectl export --onnx` writes, the graph `tomectl bench
     --backend ort` times, and the graph calibrate's latency measurement times are the same bytes."""
-    from tomectl.bench import measure_latency, run_bench
+    from tomectl.bench import run_bench
     from tomectl.cli import main
     from tomectl.compress import compress
     from tomectl.models import sha256_of
@@ -149,11 +149,20 @@ def test_bench_and_calibrate_time_the_bytes_export_writes(tmp_path):
     onnx = tmp_path / "m.onnx"
     assert main(["export", str(art), "--onnx", str(onnx), "--batch", "2", "--json"]) == 0
     shipped = sha256_of(onnx)
+    onnx8 = tmp_path / "m8.onnx"  # random weights: converted, not validated
+    assert main(["export", str(art), "--onnx", str(onnx8), "--batch", "2", "--precision", "int8",
+                 "--json"]) == 0
 
-    rep = run_bench([str(art)], schedules=[], backends=["ort"], batches=[2], iters=1, warmup=0)
+    rep = run_bench([str(art)], schedules=[], backends=["ort"], batches=[2], iters=1, warmup=0,
+                    precisions=["fp32", "int8"])
+    assert [r.label for r in rep.rows] == ["r=0", "art", "r=0 int8", "art int8"]
     row = rep.row("ort", 2, "art")
     assert row.error is None and row.formulation == "onehot"
     assert row.graph_sha256 == shipped
+    row8 = rep.row("ort", 2, "art int8")  # a row per precision, against the fp32 unreduced row
+    assert row8.precision == "int8" and row8.error is None and row8.speedup is not None
+    assert row8.graph_sha256 == sha256_of(onnx8)
+    assert any("int8 graph not validated" in n for n in rep.notes)
 
     # calibrate's latency measurement: the schedule as its search builds it (per-layer removals, the
     # weights calibrate loaded), on the budget's backend and batch
@@ -165,7 +174,6 @@ def test_bench_and_calibrate_time_the_bytes_export_writes(tmp_path):
     per_layer = Recipe(TINY, Schedule(per_layer=tuple(build(recipe).removed)), weights={"source": "random"})
     stats = _measure(per_layer, Budget.parse(speedup=1.2, backend="ort", batch=2), threads=None)
     assert stats.graph_sha256 == shipped
-    assert measure_latency(recipe, "ort", 2, iters=1, warmup=0, random_weights=False).graph_sha256 == shipped
 
     # the bench row's GMACs are FlopCounterMode's on the graph's formulation
     measured = build(recipe, target=Target("ort", batch=2)).measured_macs() / 1e9

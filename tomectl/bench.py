@@ -306,8 +306,8 @@ def export_for_bench(recipe: Recipe, batch: int, *, onnx_out: Path, engine_out: 
     reduced = build(recipe, weights=weights, random_weights=random_weights, target=target)
     # ONNX in `precision` (validated against the unreduced model where the weights are real); an
     # engine is built from the fp32 graph in its own precision
-    popts = PrecisionOptions(precision if engine_out is None else "fp32", validate=not random_weights,
-                             n_check=BENCH_PRECISION_CHECK)
+    popts = PrecisionOptions(precision if engine_out is None else "fp32",
+                             validate=not reduced.loaded.random_weights, n_check=BENCH_PRECISION_CHECK)
     res = reduced.export_onnx(onnx_out, simplify=simplify, precision=popts,
                               atol=RANDOM_WEIGHTS_ATOL if random_weights else None)
     note = f"max |diff| {res.max_abs_diff:.1e} vs PyTorch on {res.n_check} inputs"

@@ -120,11 +120,12 @@ def export(
 
         tensorrt.plan_build(tensorrt.require_tensorrt().__version__, precision)
     target = Target.for_export(trt_out is not None, batch, precision, formulation)
-    # an engine is built from the fp32 graph (TensorRT converts); an ONNX file is written in `precision`
+    reduced = build(recipe, weights=weights, random_weights=random_weights, target=target)
+    # an engine is built from the fp32 graph (TensorRT converts); an ONNX file is written in `precision`,
+    # validated against the unreduced model unless the weights are random (nothing to agree with)
     popts = PrecisionOptions(precision if trt_out is None else "fp32", int8_mode, calib_method, calib_images,
                              n_check=check_images or DEFAULT_PRECISION_CHECK, margin=max_agreement_drop,
-                             validate=not random_weights)
-    reduced = build(recipe, weights=weights, random_weights=random_weights, target=target)
+                             validate=not reduced.loaded.random_weights)
     formulation, reason = target.formulation_for(recipe.formulation)
     n = check_images or (DEFAULT_CHECK_IMAGES_TRT if trt_out is not None else DEFAULT_CHECK_IMAGES)
     if progress:

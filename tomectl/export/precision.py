@@ -29,9 +29,12 @@ fp16 (`trt_graph.to_fp16`): inputs and outputs stay fp32, the decision nodes sta
 
 Validation (`check_precision`): merges are discrete, so a reduced-precision graph is not held to
 fp32 parity with the fp32 reduced graph (an fp16 ToMe graph of DeiT-Tiny r=13 takes an equally
-good merge on some 5 % of images). It passes when its top-1 agreement with the *unreduced fp32
-model* is no more than `margin` below the fp32 reduced graph's, paired over the same check images
-(the 95 % interval of the difference is reported), and both agreements are reported.
+good merge on some 5 % of images). Its top-1 agreement with the *unreduced fp32 model* is compared
+with the fp32 reduced graph's, paired over the same check images, and it is refused when the drop
+is shown to exceed `margin`: when the whole 95 % interval of the paired difference lies below
+-margin. A point-estimate rule would refuse correct graphs by chance: on 256 images a correct fp16
+graph's difference has a standard error of about 1.5 points (its merges flip on ~5 % of images,
+half for better, half for worse). Both agreements and the interval are reported.
 """
 
 from __future__ import annotations
@@ -55,9 +58,9 @@ CALIB_METHODS = ("entropy", "percentile", "minmax")
 DEFAULT_CALIB_METHOD = "entropy"
 DEFAULT_CALIB_IMAGES = 64
 DEFAULT_CHECK_IMAGES = 256  # the agreement difference needs a few hundred images to mean something
-#: how far (points of top-1 agreement with the unreduced fp32 model) a reduced-precision graph may
-#: fall below the fp32 reduced graph
-DEFAULT_MARGIN = {"fp16": 0.02, "int8": 0.03}
+#: how far top-1 agreement with the unreduced fp32 model may fall below the fp32 reduced graph's
+#: before a graph is refused (see `PrecisionCheck.passed`: the whole 95 % interval must be below it)
+DEFAULT_MARGIN = {"fp16": 0.01, "int8": 0.02}
 LINEAR_MODULES = ("torch.nn.modules.linear.Linear", "torch.nn.modules.conv.Conv2d")
 
 
@@ -213,7 +216,8 @@ class PrecisionCheck:
 
     @property
     def passed(self) -> bool:
-        return self.difference >= -self.margin
+        """Refused only when the drop is shown to exceed the margin (the 95 % interval below it)."""
+        return self.difference_ci95[1] >= -self.margin
 
     def describe(self) -> str:
         lo, hi = self.difference_ci95
