@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
+from ..reduced import BACKENDS
 
 if TYPE_CHECKING:
     from .space import Space
 
-BACKENDS = ("torch", "ort", "ort-cuda", "ort-trt", "trt")
 PRECISIONS = ("fp32", "fp16")  # of the engine a trt latency budget is measured on
 
 

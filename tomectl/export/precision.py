@@ -50,8 +50,8 @@ import torch
 
 from ..adapters.vit import LEARNED_ATTR
 from ..errors import UserError
+from ..reduced import PRECISIONS
 
-PRECISIONS = ("fp32", "fp16", "int8")
 INT8_MODES = ("dynamic", "static")
 DEFAULT_INT8_MODE = "dynamic"  # by measurement: see the module docstring
 CALIB_METHODS = ("entropy", "percentile", "minmax")
