@@ -130,8 +130,11 @@ def test_trt_precision_reaches_the_latency_measurement(monkeypatch):
     from tomectl.recipe import Recipe
     from tomectl.schedule import Schedule
 
-    with pytest.raises(UserError, match="--precision must be fp32 or fp16"):
-        cal.Budget.parse(latency_ms=5.0, backend="trt", precision="int8")
+    with pytest.raises(UserError, match="--precision must be fp32, fp16, int8"):
+        cal.Budget.parse(latency_ms=5.0, backend="trt", precision="bf16")
+    with pytest.raises(UserError, match="--precision int8 applies to latency budgets on --backend trt, ort"):
+        cal.Budget.parse(latency_ms=5.0, backend="torch", precision="int8")
+    assert cal.Budget.parse(speedup=1.5, backend="ort", precision="int8").precision == "int8"
     with pytest.raises(UserError, match="--precision fp16 applies to latency budgets on --backend trt"):
         cal.Budget.parse(latency_ms=5.0, backend="ort", precision="fp16")
     budget = cal.Budget.parse(latency_ms=5.0, backend="trt", batch=4, precision="fp16")

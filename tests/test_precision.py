@@ -176,3 +176,30 @@ def test_bench_precision_needs_a_graph_backend():
     with pytest.raises(UserError, match="ort and trt"):
         run_bench("deit_tiny_patch16_224", [13], ["torch"], [1], iters=1, random_weights=True,
                   precisions=["int8"])
+
+
+def test_recipe_records_the_precision_and_export_defaults_to_it():
+    from types import SimpleNamespace
+
+    from tomectl import recipe as recipe_mod
+    from tomectl.calibrate import Budget
+    from tomectl.calibrate.run import chosen_recipe
+
+    d = {"model": "deit_tiny_patch16_224", "schedule": {"r": 8}, "precision": "int8"}
+    rec = recipe_mod.from_dict(d)
+    assert rec.precision == {"precision": "int8", "int8_mode": "dynamic"}
+    assert recipe_mod.from_dict(rec.to_dict()) == rec
+    assert recipe_mod.from_dict({**d, "precision": "fp32"}).precision is None
+    for bad in ("int4", {"precision": "int8", "bits": 4}, {"precision": "int8", "int8_mode": "qat"}):
+        with pytest.raises(UserError, match="precision"):
+            recipe_mod.from_dict({**d, "precision": bad})
+    # what export uses: asked-for values over the recorded ones, over the defaults
+    assert prec.PrecisionOptions.of(rec.precision).precision == "int8"
+    assert prec.PrecisionOptions.of(rec.precision, precision="fp32").precision == "fp32"
+    static = {"precision": "int8", "int8_mode": "static", "calib_method": "entropy", "n_calib": 64}
+    assert prec.PrecisionOptions.of(static, calib_method="minmax").key()["calib_method"] == "minmax"
+    # a latency budget measured on int8 graphs writes an artifact that exports them
+    budget = Budget.parse(speedup=1.5, backend="ort", precision="int8")
+    result = SimpleNamespace(model="deit_tiny_patch16_224", budget=budget,
+                             chosen=SimpleNamespace(removed=(2,) * 12, method="tome"))
+    assert chosen_recipe(result).precision == {"precision": "int8", "int8_mode": "dynamic"}

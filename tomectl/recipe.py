@@ -7,6 +7,8 @@
     weights: path/to/file.safetensors  # optional; or {source, path, sha256} as artifacts write it
     learned: learned.safetensors       # learned methods: their trained parameters ({path, sha256});
                                        # a relative path is relative to the recipe file
+    precision: {precision: int8, int8_mode: dynamic}   # optional: the graph precision it was
+                                       # calibrated for (`tomectl export` writes it by default)
 
 An artifact's recipe.yaml adds what compress resolved (``removed_per_layer``, ``tokens_per_layer``,
 ``tomectl_version``); when read back these are checked against a fresh resolution.
@@ -28,7 +30,8 @@ from .errors import UserError
 from .reduce import FORMULATIONS, METHODS, get_method
 from .schedule import Schedule
 
-TOP_KEYS = ("model", "method", "schedule", "options", "weights", "learned")
+TOP_KEYS = ("model", "method", "schedule", "options", "weights", "learned", "precision")
+PRECISION_KEYS = ("precision", "int8_mode", "calib_method", "n_calib")
 LEARNED_KEYS = ("path", "sha256")
 RESOLVED_KEYS = ("removed_per_layer", "tokens_per_layer", "tomectl_version")
 OPTION_KEYS = ("prop_attn", "formulation")
@@ -46,6 +49,7 @@ class Recipe:
     resolved: dict = field(default_factory=dict)  # removed_per_layer, tokens_per_layer (artifacts)
     method_options: dict = field(default_factory=dict)  # the method's own options, as given
     learned: Optional[dict] = None  # {path, sha256?}: trained parameters of a learned method
+    precision: Optional[dict] = None  # the graph's precision ({precision, int8_mode, ...}); None: fp32
 
     @property
     def options(self) -> dict:
@@ -62,6 +66,8 @@ class Recipe:
             d["weights"] = dict(self.weights)
         if self.learned:
             d["learned"] = dict(self.learned)
+        if self.precision:
+            d["precision"] = dict(self.precision)
         return d
 
 
@@ -147,6 +153,7 @@ def from_dict(d: Any, where: str = "recipe") -> Recipe:
         raise UserError(f"{where}: method {method!r} has no learned parameters, "
                         "but the recipe gives 'learned'")
 
+    precision = _precision(d.get("precision"), where)
     resolved = {k: d[k] for k in RESOLVED_KEYS if k in d}
     for k in ("removed_per_layer", "tokens_per_layer"):
         v = resolved.get(k)
@@ -155,8 +162,28 @@ def from_dict(d: Any, where: str = "recipe") -> Recipe:
     return Recipe(
         model=d["model"], schedule=schedule, method=method, prop_attn=prop_attn,
         formulation=formulation, weights=weights, resolved=resolved, method_options=method_options,
-        learned=learned,
+        learned=learned, precision=precision,
     )
+
+
+def _precision(value: Any, where: str) -> Optional[dict]:
+    """The recipe's `precision` (a name or a mapping) checked by building its export options."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = {"precision": value}
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: 'precision' must be fp32, fp16, int8 or a mapping, got {value!r}")
+    bad = [k for k in value if k not in PRECISION_KEYS]
+    if bad:
+        raise UserError(f"{where}: unknown precision key {bad[0]!r}; allowed: {', '.join(PRECISION_KEYS)}")
+    from .export.precision import PrecisionOptions
+
+    try:
+        opts = PrecisionOptions(**value)
+    except (TypeError, UserError) as e:
+        raise UserError(f"{where}: precision: {e}") from None
+    return None if opts.precision == "fp32" else opts.key()
 
 
 def load(path: str | Path) -> Recipe:

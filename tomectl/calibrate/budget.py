@@ -12,7 +12,10 @@ from ..reduced import BACKENDS
 if TYPE_CHECKING:
     from .space import Space
 
-PRECISIONS = ("fp32", "fp16")  # of the engine a trt latency budget is measured on
+# of the graph (ort: int8 on CPU; fp16 on the CUDA providers) or the engine (trt) a latency budget is
+# measured on
+PRECISIONS = ("fp32", "fp16", "int8")
+_PRECISION_BACKENDS = {"int8": ("trt", "ort", "ort-cuda", "ort-trt"), "fp16": ("trt", "ort-cuda", "ort-trt")}
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,7 @@ class Budget:
     value: float
     backend: str = "torch"
     batch: int = 1
-    precision: str = "fp32"  # trt: the engine's precision (the other backends run fp32)
+    precision: str = "fp32"  # of the graph or engine timed (torch backends run fp32)
 
     @property
     def is_latency(self) -> bool:
@@ -41,7 +44,7 @@ class Budget:
     def parse(flops=None, gmacs=None, latency_ms=None, speedup=None, backend: str = "torch",
               batch: int = 1, precision: str = "fp32") -> "Budget":
         if precision not in PRECISIONS:
-            raise UserError(f"--precision must be {' or '.join(PRECISIONS)}, got {precision!r}")
+            raise UserError(f"--precision must be {', '.join(PRECISIONS)}, got {precision!r}")
         given = {k: v for k, v in (("flops", flops), ("gmacs", gmacs), ("latency_ms", latency_ms),
                                    ("speedup", speedup)) if v is not None}
         if len(given) != 1:
@@ -62,9 +65,10 @@ class Budget:
             raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise UserError(f"--batch must be a whole number >= 1, got {batch!r}")
-        if precision != "fp32" and not (backend == "trt" and kind in ("latency_ms", "speedup")):
-            raise UserError(f"--precision {precision} applies to latency budgets on --backend trt "
-                            "(TensorRT engines); the other backends run fp32")
+        if precision != "fp32" and not (backend in _PRECISION_BACKENDS[precision]
+                                        and kind in ("latency_ms", "speedup")):
+            raise UserError(f"--precision {precision} applies to latency budgets on --backend "
+                            f"{', '.join(_PRECISION_BACKENDS[precision])}; the other backends run fp32")
         return Budget(kind, value, backend, batch, precision)
 
 

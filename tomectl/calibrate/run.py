@@ -192,5 +192,10 @@ def chosen_recipe(result: CalibrationResult, weights=None, random_weights: bool 
         w = {"source": "random"}
     elif weights is not None:
         w = {"source": "file", "path": str(Path(weights).resolve())}
+    precision = None  # the graph precision the schedule was measured in: export writes it by default
+    if result.budget.is_latency and result.budget.precision != "fp32" and result.budget.backend != "trt":
+        from ..export.precision import PrecisionOptions
+
+        precision = PrecisionOptions(result.budget.precision).key()
     return Recipe(model=result.model, schedule=Schedule(per_layer=result.chosen.removed),
-                  method=result.chosen.method, weights=w)
+                  method=result.chosen.method, weights=w, precision=precision)

@@ -63,7 +63,8 @@ def calibrate(
     backend: str = typer.Option("torch", "--backend", help="Latency budgets: torch, ort or trt."),
     batch: int = typer.Option(1, "--batch", help="Latency budgets: batch size."),
     precision: str = typer.Option("fp32", "--precision",
-                                  help="trt latency budgets: the engine's precision, fp32 or fp16."),
+                                  help="Latency budgets: the precision of the graph timed (int8 on ort; "
+                                  "fp16/int8 engines on trt), recorded in the artifact for export."),
     images: Optional[Path] = typer.Option(None, "--images", help="Calibration images (unlabelled is fine)."),
     n_images: int = typer.Option(lib.DEFAULT_IMAGES, "--n-images", help="How many calibration images."),
     resize: str = typer.Option("timm", "--resize", help="timm (resize + centre crop) or squash."),

@@ -69,14 +69,15 @@ def export(
     ),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="A YAML recipe instead of TARGET + flags."),
     batch: int = typer.Option(1, "--batch", help="Fixed batch size of the graph/engine."),
-    precision: str = typer.Option(
-        "fp32", "--precision",
-        help="fp32, fp16 or int8: of the ONNX graph (validated against the unreduced model) or the engine."),
-    int8_mode: str = typer.Option(
-        "dynamic", "--int8-mode",
-        help="ONNX int8: dynamic (no calibration; fastest on CPU) or static (QDQ, calibrated; TensorRT 11)."),
-    calib_method: str = typer.Option("entropy", "--calib-method",
-                                     help="Static int8 calibration: entropy, percentile or minmax."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision",
+        help="fp32, fp16 or int8: of the ONNX graph (validated against the unreduced model) or the engine "
+        "(default: the precision the artifact was calibrated for, else fp32)."),
+    int8_mode: Optional[str] = typer.Option(
+        None, "--int8-mode",
+        help="ONNX int8: dynamic (default: no calibration; fastest on CPU) or static (QDQ, calibrated)."),
+    calib_method: Optional[str] = typer.Option(
+        None, "--calib-method", help="Static int8 calibration: entropy (default), percentile or minmax."),
     max_agreement_drop: Optional[float] = typer.Option(
         None, "--max-agreement-drop",
         help="fp16/int8 ONNX: refuse the graph when its agreement with the unreduced model is shown (95 %) "

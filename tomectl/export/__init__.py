@@ -90,7 +90,7 @@ def export(
     onnx_out: Optional[str | Path] = None,
     trt_out: Optional[str | Path] = None,
     batch: int = 1,
-    precision: str = "fp32",
+    precision: Optional[str] = None,
     formulation: Optional[str] = None,
     calib_images: Optional[str | Path] = None,
     check_images: Optional[int] = None,
@@ -102,15 +102,21 @@ def export(
     min_agreement: Optional[float] = None,
     force: bool = False,
     progress: Progress = None,
-    int8_mode: str = "dynamic",
-    calib_method: str = "entropy",
+    int8_mode: Optional[str] = None,
+    calib_method: Optional[str] = None,
     max_agreement_drop: Optional[float] = None,
 ) -> ExportReport:
-    """Build the model `recipe` describes for its target and export it (ONNX, TensorRT or both)."""
+    """Build the model `recipe` describes for its target and export it (ONNX, TensorRT or both).
+
+    precision / int8_mode / calib_method: None takes what the recipe records (the precision it was
+    calibrated for), else fp32 / dynamic / entropy."""
     from ..build import build
     from ..reduced import Target
     from .onnx import check_inputs_for
 
+    recorded = recipe.precision if trt_out is None else None
+    asked = PrecisionOptions.of(recorded, precision=precision, int8_mode=int8_mode, calib_method=calib_method)
+    precision = asked.precision
     _check_request(onnx_out, trt_out, batch, precision, check_images, calib_images, force)
     if formulation is not None:
         check_formulation(formulation, "--formulation")
@@ -123,7 +129,8 @@ def export(
     reduced = build(recipe, weights=weights, random_weights=random_weights, target=target)
     # an engine is built from the fp32 graph (TensorRT converts); an ONNX file is written in `precision`,
     # validated against the unreduced model unless the weights are random (nothing to agree with)
-    popts = PrecisionOptions(precision if trt_out is None else "fp32", int8_mode, calib_method, calib_images,
+    popts = PrecisionOptions(precision if trt_out is None else "fp32", asked.int8_mode, asked.calib_method,
+                             calib_images, n_calib=asked.n_calib,
                              n_check=check_images or DEFAULT_PRECISION_CHECK, margin=max_agreement_drop,
                              validate=not reduced.loaded.random_weights)
     formulation, reason = target.formulation_for(recipe.formulation)
@@ -144,9 +151,12 @@ def export(
             report.onnx.path = report.onnx.sidecar = None
         if trt_out is not None:
             kwargs = {} if workspace_gb is None else {"workspace_gb": workspace_gb}
+            calib, check = tensorrt.engine_images(inputs.images, precision, batch)  # disjoint for int8
+            reference = tensorrt.unreduced_logits(reduced, check) if precision != "fp32" else None
             report.engine = tensorrt.build_engine(
-                onnx_path, trt_out, precision=precision, batch=batch, calib_images=inputs.images,
-                check_images=inputs.images, timing_cache=timing_cache, min_agreement=min_agreement,
+                onnx_path, trt_out, precision=precision, batch=batch, calib_images=calib,
+                check_images=check, reference=reference, max_agreement_drop=max_agreement_drop,
+                timing_cache=timing_cache, min_agreement=min_agreement,
                 meta={**reduced.sidecar_meta(), "formulation": formulation}, progress=progress, **kwargs,
             )
     return report

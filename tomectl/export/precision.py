@@ -305,6 +305,15 @@ class PrecisionOptions:
         if self.margin is not None and not 0 <= self.margin <= 1:
             raise UserError(f"--max-agreement-drop must be between 0 and 1, got {self.margin}")
 
+    @staticmethod
+    def of(recipe_precision: Optional[dict], **asked) -> "PrecisionOptions":
+        """The options an export uses: what was asked for (non-None values) over what the recipe
+        records (the precision it was calibrated for), over the defaults."""
+        recorded = dict(recipe_precision or {})
+        if asked.get("precision") not in (None, recorded.get("precision", "fp32")):
+            recorded = {}  # another precision asked for: none of the recorded settings apply
+        return PrecisionOptions(**{**recorded, **{k: v for k, v in asked.items() if v is not None}})
+
     def key(self) -> dict:
         """What decides the graph's bytes (recorded in sidecars and artifacts)."""
         d = {"precision": self.precision}
