@@ -1,6 +1,9 @@
 """TensorRT path, as far as a machine without a GPU can test it: parse-readiness of the graphs,
-the fp16 conversion (run in onnxruntime), version detection and build configuration against a
-stand-in module object, and the one-line errors when TensorRT or the GPU is missing."""
+the fp16 conversion (run in onnxruntime), version detection, every TensorRT name and flag tomectl
+uses checked against the real bindings of each supported version (tests/fixtures/tensorrt, recorded
+by tests/trt_stubs/build_stubs.py), the build, validation and runner driven through a stand-in
+module generated from those records (tests/trt_fake.py), and the one-line errors when TensorRT or
+the GPU is missing."""
 
 from __future__ import annotations
 
@@ -12,12 +15,16 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
+from trt_fake import VERSIONS, class_names, fake_trt, record, resolve, used_names
 
 from tomectl.cli import main
 from tomectl.errors import UserError
 from tomectl.export import tensorrt as trt_export
-from tomectl.export import trt_graph  # where the GPU and driver checks live (patch targets)
-from tomectl.export.onnx import export_graph, load_session, run_session
+from tomectl.export import (
+    trt_engine,
+    trt_graph,  # where the GPU and driver checks live (patch targets)
+)
+from tomectl.export.onnx import ExportCheckError, export_graph, load_session, run_session
 
 SIZE = (3, 64, 64)
 
@@ -106,14 +113,16 @@ def test_parse_problems_names_each_trap():
         helper.make_node("ScatterND", ["x", "idx", "x"], ["a"], reduction="add"),
         helper.make_node("NonZero", ["x"], ["nz"]),
         *k_runtime,
-        helper.make_node("TopK", ["x", "k"], ["tv", "ti"]),
+        helper.make_node("TopK", ["x", "k"], ["tv", "ti"]),  # a run-time K: TensorRT 10 takes it
         helper.make_node("TopK", ["x", "kbig"], ["tv2", "ti2"]),
+        helper.make_node("TopK", ["x", "one"], ["tv3", "ti3"], sorted=0),
         helper.make_node("Identity", ["d"], ["y"]),
     ]
     problems = trt_export.parse_problems(_graph(nodes, [x, dyn], [y], [idx, *consts]))
     text = "\n".join(problems)
     assert "dynamic shape" in text and "ScatterND" in text and "refuses" in text
-    assert "NonZero" in text and "computed at run time" in text and "K=5000" in text
+    assert "NonZero" in text and "K=5000" in text and "sorted=0" in text
+    assert "computed at run time" not in text  # onnx-tensorrt's operator table asks only K < 3840
     assert len(problems) == 5
 
 
@@ -202,44 +211,42 @@ def test_plan_build_per_major_version():
         trt_export.plan_build("10.13.0", "bf16")
 
 
-class _Recorder:
-    def __init__(self):
-        self.calls = []
-
-    def __getattr__(self, name):
-        return lambda *a: self.calls.append((name, *a))
-
-
-def fake_trt(version: str, *, has_fp16_flag: bool):
-    """A stand-in for the tensorrt module: the enum members `configure` and `network_flags` use."""
-    flags = ["TF32", "PREFER_PRECISION_CONSTRAINTS"] + (["FP16", "INT8"] if has_fp16_flag else [])
-    return types.SimpleNamespace(
-        __version__=version,
-        BuilderFlag=types.SimpleNamespace(**{f: f"flag:{f}" for f in flags}),
-        MemoryPoolType=types.SimpleNamespace(WORKSPACE="pool:workspace"),
-        NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=0),
-    )
+def _calls(trt, cls):
+    return [c[1:] for c in trt._calls if c[0] == cls]
 
 
 def test_configure_applies_the_plan_to_a_builder_config():
-    trt10 = fake_trt("10.13.0.35", has_fp16_flag=True)
-    config = _Recorder()
+    trt10 = fake_trt("10.16")
+    config = trt10.IBuilderConfig()
     plan = trt_export.plan_build(trt10.__version__, "fp16")
     trt_export.configure(trt10, config, plan, workspace_gb=2)
-    assert ("set_memory_pool_limit", "pool:workspace", 2 << 30) in config.calls
-    assert ("set_flag", "flag:FP16") in config.calls and (
+    calls = _calls(trt10, "IBuilderConfig")
+    assert ("set_memory_pool_limit", trt10.MemoryPoolType.WORKSPACE, 2 << 30) in calls
+    assert ("set_flag", trt10.BuilderFlag.FP16) in calls and (
         "set_flag",
-        "flag:PREFER_PRECISION_CONSTRAINTS",
-    ) in config.calls
+        trt10.BuilderFlag.PREFER_PRECISION_CONSTRAINTS,
+    ) in calls
     assert trt_export.network_flags(trt10, plan) == 0
 
-    trt11 = fake_trt("11.4.0.106", has_fp16_flag=False)  # 11.x has no FP16/INT8 builder flags
-    config = _Recorder()
+    trt11 = fake_trt("11.4")  # 11.x has no FP16/INT8/PREFER_PRECISION_CONSTRAINTS builder flags
+    config = trt11.IBuilderConfig()
     plan = trt_export.plan_build(trt11.__version__, "fp32")
     trt_export.configure(trt11, config, plan, workspace_gb=1)
-    assert [c for c in config.calls if c[0] == "set_flag"] == []
-    assert ("clear_flag", "flag:TF32") in config.calls  # fp32 means fp32, not TF32
-    assert trt_export.network_flags(trt11, plan) == 1
+    calls = _calls(trt11, "IBuilderConfig")
+    assert [c for c in calls if c[0] == "set_flag"] == []
+    assert ("clear_flag", trt11.BuilderFlag.TF32) in calls  # fp32 means fp32, not TF32
+    assert trt_export.network_flags(trt11, plan) == 1  # STRONGLY_TYPED is member 0 on 11.x
+
+
+def test_the_fake_refuses_names_the_recorded_class_lacks():
+    trt = fake_trt("11.4")
+    config = trt.IBuilderConfig()
+    with pytest.raises(AttributeError, match="IBuilderConfig has no attribute 'set_flags'"):
+        config.set_flags(1)
+    with pytest.raises(AttributeError, match="int8_calibrator"):
+        config.int8_calibrator = None  # gone in 11.x with the implicit int8 path
+    assert not hasattr(trt.BuilderFlag, "FP16") and not hasattr(trt, "IInt8EntropyCalibrator2")
+    assert int(fake_trt("10.3").NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 1
 
 
 def test_missing_tensorrt_and_gpu_are_named_in_one_line(monkeypatch):
@@ -252,7 +259,7 @@ def test_missing_tensorrt_and_gpu_are_named_in_one_line(monkeypatch):
     msg = str(err.value)
     assert "tensorrt Python package" in msg and "NVIDIA GPU" in msg and "\n" not in msg
 
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt("10.13.0.35", has_fp16_flag=True))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt("10.16"))
     with pytest.raises(UserError) as err:
         trt_export.require_tensorrt()
     assert "NVIDIA GPU" in str(err.value) and "package" not in str(err.value)
@@ -293,3 +300,338 @@ def test_runner_and_builder_refuse_without_tensorrt(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="tensorrt"):
         trt_export.build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", precision="fp16", batch=1)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the names tomectl uses, against the real bindings of each version ---------------------------
+
+#: functions whose TensorRT names only a plan with this BuildPlan field set reaches
+PLAN_ONLY = {"_calibrator": "calibrate", "_int8_calibrator": "calibrate",
+             "pin_layers_fp32": "pin_decisions_fp32"}
+#: instance attributes read through these names in the source, by the class they belong to
+OWNERS = {"config": "IBuilderConfig", "builder": "Builder", "network": "INetworkDefinition",
+          "parser": "OnnxParser", "layer": "ILayer", "engine": "ICudaEngine", "cache": "ITimingCache",
+          "self.engine": "ICudaEngine", "self.context": "IExecutionContext", "self.runtime": "Runtime",
+          "net.builder": "Builder", "net.network": "INetworkDefinition", "net.parser": "OnnxParser"}
+
+
+def _plans():
+    for key in VERSIONS:
+        for precision in trt_export.PRECISIONS:
+            try:
+                yield key, trt_export.plan_build(record(key)["version"], precision)
+            except UserError:
+                continue
+
+
+PLANS = list(_plans())
+
+
+def _needed(plan, functions) -> bool:
+    return any(not (f in PLAN_ONLY and not getattr(plan, PLAN_ONLY[f])) for f in functions)
+
+
+def test_fixtures_are_the_real_bindings_of_each_supported_version():
+    assert VERSIONS == ["10.0", "10.3", "10.16", "11.0", "11.4"]
+    for key in VERSIONS:
+        rec = record(key)
+        assert rec["imported"] and rec["version"].startswith(key + "."), key
+        assert "init_libnvinfer_plugins" in rec["functions"]
+        libs = {lib.split(".so")[0] for lib in rec["links"]}
+        assert libs == {"libnvinfer", "libnvonnxparser", "libnvinfer_plugin"}
+    # what the hand-written stand-in had wrong
+    assert record("10.3")["enums"]["NetworkDefinitionCreationFlag"]["STRONGLY_TYPED"] == 1
+    assert record("11.4")["enums"]["NetworkDefinitionCreationFlag"]["STRONGLY_TYPED"] == 0
+    for key in ("11.0", "11.4"):
+        assert not {"PREFER_PRECISION_CONSTRAINTS", "FP16", "INT8"} & set(record(key)["enums"]["BuilderFlag"])
+    assert {(k, p.precision) for k, p in PLANS} == {
+        (k, p) for k in VERSIONS for p in trt_export.PRECISIONS if not (k.startswith("11") and p == "int8")
+    }
+
+
+def test_source_names_its_tensorrt_uses_and_they_are_found():
+    used = used_names()
+    assert {("BuilderFlag",), ("MemoryPoolType", "WORKSPACE"), ("ILogger", "Severity", "ERROR"),
+            ("init_libnvinfer_plugins",), ("IInt8EntropyCalibrator2",),
+            ("TensorIOMode", "INPUT")} <= used.keys()
+    for path in used:
+        # every name, optional ones too, exists in some version (else it is dead code or misspelt)
+        assert any(resolve(record(k), path) for k in VERSIONS), path
+
+
+@pytest.mark.parametrize("key,plan", PLANS, ids=[f"{k}-{p.precision}" for k, p in PLANS])
+def test_every_name_and_flag_a_plan_uses_exists_in_that_version(key, plan):
+    rec = record(key)
+    missing = [".".join(path) for path, use in used_names().items()
+               if not use["optional"] and _needed(plan, use["functions"]) and not resolve(rec, path)]
+    assert missing == [], f"TensorRT {key} lacks {missing}"
+    flags = rec["enums"]["BuilderFlag"]
+    assert [f for f in plan.builder_flags if f not in flags] == []  # set unconditionally
+    assert all(f in flags for f in plan.clear_flags)  # cleared where present: TF32 is in every version
+    if plan.strongly_typed:
+        assert "STRONGLY_TYPED" in rec["enums"]["NetworkDefinitionCreationFlag"]
+    for alias in trt_engine.IO_DTYPES:
+        assert alias in rec["constants"], alias
+
+
+def _instance_uses():
+    """(owner, attribute, top-level function, guarded by hasattr) read on TensorRT objects."""
+    import ast
+
+    tree = ast.parse(open(trt_engine.__file__).read())
+    tops = [(n.name, n) for n in tree.body if isinstance(n, ast.FunctionDef)]
+    tops += [(f"{c.name}.{n.name}", n) for c in tree.body if isinstance(c, ast.ClassDef)
+             for n in c.body if isinstance(n, ast.FunctionDef)]
+    out = set()
+    for name, func in tops:
+        for node in ast.walk(func):
+            if isinstance(node, ast.Attribute):
+                owner = ast.unparse(node.value)
+                if owner in OWNERS:
+                    out.add((OWNERS[owner], node.attr, name, False))
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "hasattr"
+                    and ast.unparse(node.args[0]) in OWNERS):
+                out.add((OWNERS[ast.unparse(node.args[0])], node.args[1].value, name, True))
+    return out
+
+
+@pytest.mark.parametrize("key,plan", PLANS, ids=[f"{k}-{p.precision}" for k, p in PLANS])
+def test_every_method_and_property_tomectl_calls_exists_in_that_version(key, plan):
+    rec = record(key)
+    uses = _instance_uses()
+    assert ("IBuilderConfig", "set_timing_cache", "_load_timing_cache", False) in uses
+    assert ("ICudaEngine", "device_memory_size_v2", "engine_device_memory", True) in uses
+    required = {(cls, attr) for cls, attr, func, guarded in uses if not guarded and _needed(plan, [func])}
+    # engine_device_memory reads device_memory_size_v2 where it exists, else device_memory_size
+    required -= {("ICudaEngine", "device_memory_size"), ("ICudaEngine", "device_memory_size_v2")}
+    assert {"device_memory_size", "device_memory_size_v2"} & class_names(rec, "ICudaEngine")
+    missing = sorted(f"{c}.{a}" for c, a in required if a not in class_names(rec, c))
+    assert missing == [], f"TensorRT {key} lacks {missing}"
+
+
+def test_what_differs_between_versions_is_what_the_code_guards():
+    has = {k: class_names(record(k), "ICudaEngine") for k in VERSIONS}
+    assert "device_memory_size_v2" not in has["10.0"] and "device_memory_size" in has["10.0"]
+    assert "device_memory_size" not in has["11.4"] and "device_memory_size_v2" in has["11.4"]
+    assert "precision" not in class_names(record("11.4"), "ILayer")  # no per-layer pins: strongly typed
+    assert "precision" in class_names(record("10.0"), "ILayer")
+
+
+# --- the build, validation and runner through the generated fake module ------------------------
+
+N_CHECK = 120
+
+
+def scripted(key: str, *, io_dtype: str = "float32", cache_ok=lambda data: True):
+    """fake_trt(key) that parses, builds and loads an engine of the small graph (batch 2)."""
+    trt = fake_trt(key)
+    r, p = trt._returns, trt._props
+    r["Builder.create_network"] = lambda self, flags: trt.INetworkDefinition()
+    r["Builder.create_builder_config"] = lambda self: trt.IBuilderConfig()
+    r["OnnxParser.parse_from_file"] = lambda self, path: True
+    r["IBuilderConfig.create_timing_cache"] = lambda self, data: trt.ITimingCache(data)
+    r["IBuilderConfig.set_timing_cache"] = lambda self, cache, ignore: bool(cache_ok(cache._args[0]))
+    r["IBuilderConfig.get_timing_cache"] = lambda self: trt.ITimingCache(b"")
+    r["ITimingCache.serialize"] = lambda self: b"timing"
+    r["Builder.build_serialized_network"] = lambda self, network, config: b"engine"
+    r["Runtime.deserialize_cuda_engine"] = lambda self, data: trt.ICudaEngine()
+    r["ICudaEngine.create_execution_context"] = lambda self: trt.IExecutionContext()
+    r["INetworkDefinition.get_layer"] = lambda self, i: trt.ILayer()
+    r["ILayer.get_output"] = lambda self, j: trt.ITensor()
+    names, shapes = ["input", "logits"], {"input": (2, *SIZE), "logits": (2, 1000)}
+    r["ICudaEngine.get_tensor_name"] = lambda self, i: names[i]
+    r["ICudaEngine.get_tensor_shape"] = lambda self, name: shapes[name]
+    r["ICudaEngine.get_tensor_dtype"] = lambda self, name: getattr(trt, io_dtype)
+    r["ICudaEngine.get_tensor_mode"] = lambda self, name: (
+        trt.TensorIOMode.INPUT if name == "input" else trt.TensorIOMode.OUTPUT)
+    p.update({"INetworkDefinition.num_layers": 0, "ICudaEngine.num_io_tensors": 2, "ILayer.name": "x",
+              "ILayer.num_outputs": 1, "ITensor.dtype": trt.float32, "OnnxParser.num_errors": 0,
+              "ICudaEngine.device_memory_size_v2": 48 << 20, "ICudaEngine.device_memory_size": 48 << 20})
+    return trt
+
+
+@pytest.fixture
+def on_fake(monkeypatch, graphs, tmp_path):
+    """Install a scripted fake: (install(trt), onnx path); CUDA buffers become CPU tensors."""
+    onnx_path = tmp_path / "m.onnx"
+    onnx.save(graphs["onehot"], str(onnx_path))
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **k: empty(*a, **k))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: types.SimpleNamespace(cuda_stream=0))
+    monkeypatch.setattr(trt_engine, "_LOGGERS", {})
+
+    def install(trt):
+        monkeypatch.setattr(trt_engine, "require_tensorrt", lambda: trt)
+        monkeypatch.setattr(trt_engine, "_LOGGERS", {})
+        return trt
+
+    return install, onnx_path
+
+
+def _logits(top: np.ndarray, classes: int = 1000) -> np.ndarray:
+    out = np.zeros((len(top), classes), np.float32)
+    out[np.arange(len(top)), top] = 5.0
+    return out
+
+
+def _decisions(seed: int = 0, fp32_agree: float = 0.93):
+    """(unreduced top-1, fp32 reduced graph's top-1) over N_CHECK images."""
+    rng = np.random.default_rng(seed)
+    ref = rng.integers(0, 1000, N_CHECK)
+    fp32 = ref.copy()
+    off = rng.random(N_CHECK) > fp32_agree
+    fp32[off] = (ref[off] + 1) % 1000
+    return ref, fp32
+
+
+def _build(onnx_path, out, precision, engine_top, fp32_top, monkeypatch, **kw):
+    images = torch.randn(N_CHECK, *SIZE, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(trt_engine, "run_session", lambda sess, x, batch: _logits(fp32_top))
+    monkeypatch.setattr(trt_engine, "ort_session", lambda path: None)
+    monkeypatch.setattr(trt_engine, "run_engine", lambda runner, x: _logits(engine_top))
+    return trt_export.build_engine(onnx_path, out, precision=precision, batch=2, check_images=images,
+                                   timing_cache=out.with_suffix(".timing"), **kw)
+
+
+@pytest.mark.parametrize("key,plan", PLANS, ids=[f"{k}-{p.precision}" for k, p in PLANS])
+def test_build_engine_runs_every_plan_on_the_recorded_bindings(key, plan, on_fake, tmp_path, monkeypatch):
+    install, onnx_path = on_fake
+    trt = install(scripted(key))
+    ref, fp32 = _decisions()
+    calib = torch.randn(8, *SIZE) if plan.calibrate else None
+    res = _build(onnx_path, tmp_path / "m.engine", plan.precision, fp32, fp32, monkeypatch,
+                 reference=_logits(ref), calib_images=calib)
+    assert (tmp_path / "m.engine").read_bytes() == b"engine" and res.device_memory_bytes == 48 << 20
+    assert res.strongly_typed == plan.strongly_typed
+    calls = [c[:2] for c in trt._calls]
+    assert calls.index(("tensorrt", "init_libnvinfer_plugins")) < calls.index(("Builder", "create_network"))
+    flags = [c[2] for c in trt._calls if c[:2] == ("Builder", "create_network")]
+    assert flags == [trt_export.network_flags(trt, plan)]
+    assert (("IBuilderConfig", "int8_calibrator=") in calls) == plan.calibrate
+    assert (tmp_path / "m.timing").read_bytes() == b"timing"
+    if plan.precision == "fp32":
+        assert res.precision_check is None and res.min_agreement == trt_export.MIN_AGREEMENT["fp32"]
+    else:
+        assert res.precision_check["passed"] and res.min_agreement == 0.0
+
+
+def test_runner_registers_the_plugins_before_deserializing(on_fake, tmp_path):
+    install, _ = on_fake
+    trt = install(scripted("10.3"))
+    (tmp_path / "m.engine").write_bytes(b"engine")
+    runner = trt_export.TrtRunner(tmp_path / "m.engine")
+    calls = [c[:2] for c in trt._calls]
+    plugins = calls.index(("tensorrt", "init_libnvinfer_plugins"))
+    assert plugins < calls.index(("Runtime", "deserialize_cuda_engine"))
+    assert runner.input_shape == (2, *SIZE) and runner.device_memory_bytes == 48 << 20
+
+
+@pytest.mark.parametrize("key", VERSIONS)
+def test_engine_io_types_uint8_maps_and_fp8_int4_are_refused_in_one_line(key, on_fake, tmp_path):
+    install, _ = on_fake
+    (tmp_path / "m.engine").write_bytes(b"engine")
+    install(scripted(key, io_dtype="uint8"))
+    assert trt_export.TrtRunner(tmp_path / "m.engine").inputs[0][2] == torch.uint8
+    for dtype in ("fp8", "int4"):
+        install(scripted(key, io_dtype=dtype))
+        with pytest.raises(UserError, match=f"of type {dtype.upper()}") as err:
+            trt_export.TrtRunner(tmp_path / "m.engine")
+        assert "\n" not in str(err.value)
+
+
+def test_device_memory_is_read_per_version():
+    e10 = types.SimpleNamespace(device_memory_size=7)
+    e11 = types.SimpleNamespace(device_memory_size_v2=9)
+    assert trt_export.engine_device_memory(e10) == 7 and trt_export.engine_device_memory(e11) == 9
+
+
+def test_a_timing_cache_from_another_device_is_replaced_and_said_so(on_fake, tmp_path, monkeypatch):
+    install, onnx_path = on_fake
+    install(scripted("10.16", cache_ok=lambda data: data == b""))  # refuses the stale bytes only
+    (tmp_path / "m.timing").write_bytes(b"stale")
+    ref, fp32 = _decisions()
+    res = _build(onnx_path, tmp_path / "m.engine", "fp32", fp32, fp32, monkeypatch)
+    assert any("another TensorRT version or device" in n for n in res.notes)
+    assert (tmp_path / "m.timing").read_bytes() == b"timing"
+
+    install(scripted("10.16", cache_ok=lambda data: False))  # refuses every cache
+    (tmp_path / "m.timing").write_bytes(b"stale")
+    res = _build(onnx_path, tmp_path / "n.engine", "fp32", fp32, fp32, monkeypatch)
+    assert any("built without one, nothing was saved" in n for n in res.notes)
+    assert (tmp_path / "m.timing").read_bytes() == b"stale"
+
+
+def test_reduced_precision_engines_are_judged_against_the_unreduced_model(on_fake, tmp_path, monkeypatch):
+    install, onnx_path = on_fake
+    install(scripted("10.3"))
+    ref, fp32 = _decisions()
+    # a correct fp16 engine of a reduced model: other, equally good merges on 8 % of images
+    rng = np.random.default_rng(2)
+    engine = fp32.copy()
+    flip = rng.choice(N_CHECK, int(0.08 * N_CHECK), replace=False)
+    engine[flip[::2]] = ref[flip[::2]]
+    engine[flip[1::2]] = (ref[flip[1::2]] + 2) % 1000
+    res = _build(onnx_path, tmp_path / "a.engine", "fp16", engine, fp32, monkeypatch, reference=_logits(ref))
+    assert res.top1_agreement < 0.99 and res.precision_check["passed"]  # the old floor would refuse it
+    assert res.precision_check["agreement_with_fp32_graph"] == res.top1_agreement
+    assert any("agreement with the unreduced fp32 model" in n for n in res.notes)
+    # without the unreduced reference the old floor applies, and refuses that same engine
+    with pytest.raises(ExportCheckError, match="min-agreement"):
+        _build(onnx_path, tmp_path / "b.engine", "fp16", engine, fp32, monkeypatch)
+    # an explicit --min-agreement still applies on top of the check
+    with pytest.raises(ExportCheckError, match="need 99%"):
+        _build(onnx_path, tmp_path / "c.engine", "fp16", engine, fp32, monkeypatch,
+               reference=_logits(ref), min_agreement=0.99)
+    # a broken engine (its merges wrong on a third of images) is refused with one line, nothing written
+    broken = fp32.copy()
+    broken[: N_CHECK // 3] = (ref[: N_CHECK // 3] + 3) % 1000
+    with pytest.raises(ExportCheckError, match="loses too much agreement") as err:
+        _build(onnx_path, tmp_path / "d.engine", "fp16", broken, fp32, monkeypatch, reference=_logits(ref))
+    assert "\n" not in str(err.value) and "max-agreement-drop" in str(err.value)
+    # ... unless the allowed drop covers it
+    res = _build(onnx_path, tmp_path / "e.engine", "fp16", broken, fp32, monkeypatch,
+                 reference=_logits(ref), max_agreement_drop=0.5)
+    assert res.precision_check["passed"] and res.precision_check["margin"] == 0.5
+    assert sorted(p.name for p in tmp_path.glob("*.engine")) == ["a.engine", "e.engine"]
+    # fp32 engines keep the strict parity floor against onnxruntime, whatever the reference
+    with pytest.raises(ExportCheckError, match="need 99%"):
+        _build(onnx_path, tmp_path / "f.engine", "fp32", engine, fp32, monkeypatch, reference=_logits(ref))
+
+
+def test_int8_engines_are_checked_on_images_they_were_not_calibrated_on(on_fake, tmp_path, monkeypatch):
+    images = torch.arange(64 * 2, dtype=torch.float32).reshape(64, 2)
+    calib, check = trt_export.engine_images(images, "int8", batch=8)
+    assert len(calib) == 32 and len(check) == 32
+    seen = {tuple(x.tolist()) for x in calib}
+    assert not any(tuple(x.tolist()) in seen for x in check)
+    assert trt_export.engine_images(images, "fp16", batch=8) == (None, images)
+    with pytest.raises(UserError, match="more than"):
+        trt_export.engine_images(images[:8], "int8", batch=8)
+    install, onnx_path = on_fake
+    install(scripted("10.3"))
+    ref, fp32 = _decisions()
+    with pytest.raises(UserError, match="calibration images other than its check images"):
+        _build(onnx_path, tmp_path / "m.engine", "int8", fp32, fp32, monkeypatch, reference=_logits(ref))
+
+
+def test_bench_trt_rows_report_the_engines_device_memory(monkeypatch):
+    from tomectl import bench_worker
+    from tomectl.export import tensorrt as trt_module
+
+    class Runner:
+        device_memory_bytes = 300 << 20
+
+        def __init__(self, path):
+            pass
+
+        def __call__(self, x):
+            return x
+
+    monkeypatch.setattr(trt_module, "TrtRunner", Runner)
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self: self)
+    for name, fn in (("synchronize", lambda: None), ("reset_peak_memory_stats", lambda: None),
+                     ("max_memory_allocated", lambda: 20 << 20)):
+        monkeypatch.setattr(torch.cuda, name, fn)
+    spec = {"backend": "trt", "engine": "m.engine", "batch": 1, "input_size": [3, 8, 8], "threads": 1,
+            "warmup": 1, "iters": 2}
+    out = bench_worker.run_worker(spec)
+    assert out["peak_mem_mb"] == 320 and out["mem_kind"] == "cuda-trt"

@@ -111,6 +111,7 @@ def _trt_fn(spec: dict):
     def fn() -> None:
         runner(x)
 
+    fn.device_memory_bytes = runner.device_memory_bytes  # TensorRT's own allocation, unseen by torch
     return fn, torch.cuda.synchronize, True
 
 
@@ -135,7 +136,12 @@ def run_worker(spec: dict) -> dict:
     else:
         peak_rss_reset()
     samples = time_loop(fn, spec["warmup"], spec.get("iters"), spec.get("duration"), sync)
-    if cuda:
+    if backend == "trt":
+        # the execution context's device memory (activations, scratch: TensorRT allocates it, torch's
+        # allocator never sees it) plus the torch-held input and output buffers
+        peak = (fn.device_memory_bytes + torch.cuda.max_memory_allocated()) / 2**20
+        kind = "cuda-trt"
+    elif cuda:
         peak, kind = torch.cuda.max_memory_allocated() / 2**20, "cuda"
     else:
         peak, kind = peak_rss_mb(), "rss"

@@ -15,12 +15,16 @@ similarity flip, and a flipped decision moves whole tokens. fp32 engines are bui
 disabled, so fp32 means fp32.
 
 TensorRT's ONNX parser refuses ScatterND with a reduction, runs ScatterElements with a reduction
-only through its plugin library, and needs a constant K for TopK (K < 3840). `parse_problems` checks
+only through its plugin library, and takes TopK with sorted=1 only (and K < 3840). `parse_problems` checks
 a graph for these without a GPU; the "scatter" merge formulation sums rows with ScatterND
 (reduction=add), so TensorRT takes the "onehot" one, which has no Scatter at all (its default).
 
-Every engine is validated against onnxruntime (fp32 CPU) on real images before it is written
-(top-1 agreement floor per precision, max |logit difference| reported), and gets a metadata JSON
+Every engine is validated on real images before it is written: fp32 engines against onnxruntime
+(fp32 CPU; top-1 agreement floor, max |logit difference| reported); fp16 and int8 engines of a
+reduced model against the unreduced fp32 model, like the reduced-precision ONNX graphs
+(`precision.check_precision`: agreement with the unreduced model at most a margin below the fp32
+graph's, paired, with its 95 % interval), on images disjoint from int8's calibration images. Each
+engine gets a metadata JSON
 beside it (TensorRT version, GPU, precision, shapes, build time, sha256). A timing cache file is
 reused across builds. Without the ``tensorrt`` package or without an NVIDIA GPU every entry point
 raises a one-line UserError naming what is missing.
@@ -36,14 +40,18 @@ from .trt_engine import (
     DEFAULT_WORKSPACE_GB,
     EngineResult,
     TrtRunner,
+    agreement_floor,
     build_engine,
     configure,
     default_timing_cache,
+    engine_device_memory,
+    engine_images,
     engine_metadata,
     gpu_name,
     network_flags,
     pin_layers_fp32,
     run_engine,
+    unreduced_logits,
 )
 from .trt_graph import (
     DECISION_OPS,
@@ -65,7 +73,8 @@ from .trt_graph import (
 __all__ = [
     "DECISION_OPS", "DEFAULT_WORKSPACE_GB", "MIN_AGREEMENT", "PRECISIONS", "TOPK_MAX_K",
     "BuildPlan", "EngineResult", "TrtRunner",
-    "availability", "build_engine", "configure", "decision_nodes", "default_timing_cache", "engine_metadata",
+    "agreement_floor", "availability", "build_engine", "configure", "decision_nodes", "default_timing_cache",
+    "engine_device_memory", "engine_images", "engine_metadata", "unreduced_logits",
     "gpu_name", "network_flags", "parse_problems", "parse_version", "pin_layers_fp32", "plan_build",
     "require_tensorrt", "run_engine", "to_fp16",
     "_attr", "_constants",  # the graph tests read constants and attributes through these

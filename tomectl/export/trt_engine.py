@@ -1,6 +1,12 @@
 """The TensorRT path's half that needs the tensorrt module and an NVIDIA GPU: the builder (network
 flags, builder config, fp32 pins, int8 calibrator, timing cache), `build_engine` and its checks
-against onnxruntime, and `TrtRunner`, which runs an engine on torch CUDA buffers.
+against onnxruntime (fp32) or the unreduced model (fp16/int8, `precision.check_precision`), and
+`TrtRunner`, which runs an engine on torch CUDA buffers.
+
+Every TensorRT name used here is checked against the real bindings of TensorRT 10.0, 10.3, 10.16,
+11.0 and 11.4 (tests/fixtures/tensorrt, recorded by tests/trt_stubs/build_stubs.py): what differs
+between versions is reached through `hasattr` (e.g. `device_memory_size_v2`, only on 10.3+ and the
+only one on 11.x; STRONGLY_TYPED is member 1 on 10.x and 0 on 11.x, so it is always read by name).
 
 See `tomectl.export.tensorrt` for the whole path; what is decided without a GPU (graph checks, the
 fp16 rewrite, version planning) is `tomectl.export.trt_graph`.
@@ -82,6 +88,14 @@ def pin_layers_fp32(trt, network, node_names: Sequence[str]) -> int:
 _LOGGERS: dict = {}
 
 
+def _init_plugins(trt, log) -> None:
+    """Register TensorRT's plugin library once per process: the parser needs it for the ops it maps
+    to plugins, and an engine that contains a plugin layer cannot be deserialized without it."""
+    if "plugins" not in _LOGGERS and hasattr(trt, "init_libnvinfer_plugins"):
+        trt.init_libnvinfer_plugins(log, "")
+        _LOGGERS["plugins"] = True
+
+
 def _logger(trt):
     """One logger per process (TensorRT wants the builder and runtime to share it); keeps errors."""
     if "logger" not in _LOGGERS:
@@ -141,11 +155,24 @@ def default_timing_cache(version: str) -> Path:
     return root / f"tensorrt-{version}-{gpu}.timing"
 
 
-def _load_timing_cache(config, path: Path):
+def _load_timing_cache(config, path: Path, notes: list) -> bool:
+    """Set the timing cache at `path` on `config` (a fresh one where there is none). Returns whether
+    the build has a cache to save afterwards.
+
+    `set_timing_cache(cache, ignore_mismatch=False)` returns False for a cache written by another
+    TensorRT version or device (it is not mixed in): the build then starts from a fresh cache, which
+    replaces the file, and a note says so. Where even a fresh cache is refused, the engine is built
+    without one and nothing is saved (a note says so too)."""
     data = path.read_bytes() if path.is_file() else b""
-    cache = config.create_timing_cache(data)
-    config.set_timing_cache(cache, False)  # a cache from another version/GPU is not mixed in
-    return cache
+    if config.set_timing_cache(config.create_timing_cache(data), False):
+        return True
+    if data:
+        if config.set_timing_cache(config.create_timing_cache(b""), False):
+            notes.append(f"the timing cache {path} was written by another TensorRT version or device; "
+                         "built with a fresh one, which replaces it")
+            return True
+    notes.append(f"TensorRT refused a timing cache; built without one, nothing was saved to {path}")
+    return False
 
 
 def _save_timing_cache(config, path: Path) -> None:
@@ -160,19 +187,31 @@ def _save_timing_cache(config, path: Path) -> None:
 # --- running engines ----------------------------------------------------------------------------
 
 
-def _torch_dtype(trt, dtype):
-    table = {
-        trt.float32: torch.float32,
-        trt.float16: torch.float16,
-        trt.int32: torch.int32,
-        trt.int8: torch.int8,
-        trt.bool: torch.bool,
-    }
-    if hasattr(trt, "int64"):
-        table[trt.int64] = torch.int64
-    if hasattr(trt, "bfloat16"):
-        table[trt.bfloat16] = torch.bfloat16
-    return table[dtype]
+#: engine I/O types as torch dtypes, by the tensorrt module's DataType aliases (all in 10.0+)
+IO_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+             "int32": torch.int32, "int64": torch.int64, "int8": torch.int8, "uint8": torch.uint8,
+             "bool": torch.bool}
+
+
+def _torch_dtype(trt, dtype, name: str = "?"):
+    """The torch dtype of an engine I/O tensor; UserError for the types no torch buffer holds as
+    TensorRT lays them out (FP8, INT4, FP4, E8M0: quantized or packed types)."""
+    for alias, torch_dtype in IO_DTYPES.items():
+        if hasattr(trt, alias) and dtype == getattr(trt, alias):
+            return torch_dtype
+    what = getattr(dtype, "name", str(dtype))
+    raise UserError(
+        f"the engine's I/O tensor {name} is of type {what}, which tomectl's runner does not handle "
+        f"(it takes {', '.join(IO_DTYPES)}); build the engine with float inputs and outputs"
+    )
+
+
+def engine_device_memory(engine) -> int:
+    """Bytes of device memory the engine's execution context allocates (activations and scratch):
+    `device_memory_size_v2` where it exists (10.3+, the only one on 11.x), else `device_memory_size`."""
+    if hasattr(engine, "device_memory_size_v2"):
+        return int(engine.device_memory_size_v2)
+    return int(engine.device_memory_size)
 
 
 class TrtRunner:
@@ -185,6 +224,7 @@ class TrtRunner:
         path = Path(engine_path)
         if not path.is_file():
             raise UserError(f"engine {path} does not exist")
+        _init_plugins(trt, _logger(trt))  # before deserializing: plugin layers need their creators
         self.runtime = trt.Runtime(_logger(trt))
         self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
@@ -199,7 +239,7 @@ class TrtRunner:
             spec = (
                 name,
                 tuple(self.engine.get_tensor_shape(name)),
-                _torch_dtype(trt, self.engine.get_tensor_dtype(name)),
+                _torch_dtype(trt, self.engine.get_tensor_dtype(name), name),
             )
             is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             (self.inputs if is_input else self.outputs).append(spec)
@@ -211,6 +251,11 @@ class TrtRunner:
         for name, buf in self._buffers.items():
             self.context.set_tensor_address(name, buf.data_ptr())
         self.stream = torch.cuda.Stream()
+
+    @property
+    def device_memory_bytes(self) -> int:
+        """What the execution context allocated on the device (not seen by torch's allocator)."""
+        return engine_device_memory(self.engine)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -288,6 +333,8 @@ class EngineResult:
     onnx_sha256: str
     strongly_typed: bool
     notes: list[str] = field(default_factory=list)
+    precision_check: Optional[dict] = None  # fp16/int8: precision.PrecisionCheck.to_dict()
+    device_memory_bytes: int = 0  # what an execution context allocates (engine_device_memory)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -358,8 +405,7 @@ def _parse(trt, plan: BuildPlan, onnx_path: Path, model_proto, workdir: Path, sa
 
     log = _logger(trt)
     log.errors.clear()
-    if hasattr(trt, "init_libnvinfer_plugins"):
-        trt.init_libnvinfer_plugins(log, "")
+    _init_plugins(trt, log)
     builder = trt.Builder(log)
     network = builder.create_network(network_flags(trt, plan))
     parser = trt.OnnxParser(network, log)
@@ -383,26 +429,28 @@ def _builder_config(trt, net: _Network, plan: BuildPlan, model_proto, workspace_
     return config
 
 
-def _int8_calibrator(trt, plan: BuildPlan, onnx_path: Path, calib_images, check: tuple, n_check: int,
+def _int8_calibrator(trt, plan: BuildPlan, config, onnx_path: Path, calib_images, n_calib: int,
                      shape: Sequence[int]):
-    """The entropy calibrator a 10.x int8 build needs (None otherwise), over `calib_images` or,
-    without them, the check images `check` = (images, source)."""
+    """The entropy calibrator a 10.x int8 build needs, set on `config` (None otherwise: 11.x has no
+    `int8_calibrator`), over `calib_images`, which must not be the check images (an engine is not
+    validated on what it was calibrated on). The caller keeps it referenced until the build is done."""
     if not plan.calibrate:
         return None
-    calib, _ = (
-        _images(onnx_path, calib_images, max(n_check, shape[0]), shape)
-        if calib_images is not None
-        else check
-    )
+    if calib_images is None:
+        raise UserError("an int8 engine needs calibration images other than its check images "
+                        "(calib_images; `engine_images` splits one set)")
+    calib, _ = _images(onnx_path, calib_images, max(n_calib, shape[0]), shape)
     if len(calib) < shape[0]:
         raise UserError(f"int8 calibration needs at least {shape[0]} images, got {len(calib)}")
-    return _calibrator(trt, calib, shape[0])
+    calibrator = _calibrator(trt, calib, shape[0])
+    config.int8_calibrator = calibrator
+    return calibrator
 
 
 def _build_serialized(net: _Network, config, cache_path: Path, engine_path: Path, precision: str,
-                      say) -> float:
+                      say, notes: list) -> float:
     """Build the engine into `engine_path` with the timing cache at `cache_path`; the build seconds."""
-    _load_timing_cache(config, cache_path)
+    cached = _load_timing_cache(config, cache_path, notes)
     say(f"building the {precision} engine (minutes)...")
     t0 = time.perf_counter()
     serialized = net.builder.build_serialized_network(net.network, config)
@@ -411,26 +459,77 @@ def _build_serialized(net: _Network, config, cache_path: Path, engine_path: Path
         raise ExportCheckError(
             f"TensorRT could not build the engine: {(net.log.errors or ['no reason given'])[-1]}"
         )
-    _save_timing_cache(config, cache_path)
+    if cached:
+        _save_timing_cache(config, cache_path)
     engine_path.write_bytes(bytes(serialized))
     return build_seconds
 
 
+def agreement_floor(precision: str, min_agreement: Optional[float], reference) -> Optional[float]:
+    """The floor on top-1 agreement with onnxruntime fp32 an engine must reach: fp32 engines always
+    (default `MIN_AGREEMENT`); fp16/int8 engines judged against the unreduced model (`reference`)
+    only where `min_agreement` asks for one, since a correct reduced-precision engine of a reduced
+    model takes other, equally good merges on a few % of images (see `precision`); without a
+    reference, the default floor."""
+    if min_agreement is not None:
+        if not 0 <= min_agreement <= 1:
+            raise UserError(f"--min-agreement must be between 0 and 1, got {min_agreement}")
+        return min_agreement
+    if precision != "fp32" and reference is not None:
+        return None
+    return MIN_AGREEMENT[precision]
+
+
 def _validate(onnx_path: Path, engine_path: Path, images: torch.Tensor, batch: int, precision: str,
-              floor: float, out: Path):
-    """(runner, parity) of the built engine against onnxruntime fp32 on `images`; ExportCheckError
-    below the agreement floor."""
-    reference = run_session(ort_session(onnx_path), images, batch)
+              floor: Optional[float], margin: Optional[float], reference, out: Path):
+    """(runner, parity, precision check or None) of the built engine on `images`.
+
+    parity: against onnxruntime fp32 (the graph the engine was built from). fp16/int8 with
+    `reference` (the unreduced fp32 model's logits on `images`): `check_precision`, refused when its
+    agreement with the unreduced model is shown to fall more than `margin` below the fp32 graph's.
+    ExportCheckError on a refusal or below `floor`."""
+    from .precision import check_precision
+
+    fp32 = run_session(ort_session(onnx_path), images, batch)
     runner = TrtRunner(engine_path)
-    parity = compare(reference, run_engine(runner, images))
-    if parity.top1_agreement < floor:
+    logits = run_engine(runner, images)
+    parity = compare(fp32, logits)
+    check = None
+    if reference is not None and precision != "fp32":
+        reference = np.asarray(reference)
+        if len(reference) != len(images):
+            raise ValueError(f"{len(reference)} reference logits for {len(images)} check images")
+        check = check_precision(reference, fp32, logits, precision, margin)
+        if not check.passed:
+            raise ExportCheckError(f"the {precision} engine loses too much agreement ({check.describe()}, "
+                                   f"see --max-agreement-drop); nothing was written to {out}")
+    if floor is not None and parity.top1_agreement < floor:
         raise ExportCheckError(
             f"the {precision} engine agrees with onnxruntime on only {parity.top1_agreement:.1%} of "
             f"{parity.n} images (need {floor:.0%}, see --min-agreement; max |diff| "
             f"{parity.max_abs_diff:.3g}); "
             f"nothing was written to {out}"
         )
-    return runner, parity
+    return runner, parity, check
+
+
+def engine_images(images: torch.Tensor, precision: str,
+                  batch: int) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(calibration images or None, check images) for an engine: int8 calibrates on the first half
+    (at least one batch) and is checked on the rest, never on what it was calibrated on."""
+    from .precision import split_images
+
+    if precision != "int8":
+        return None, images
+    return split_images(images, max(batch, len(images) // 2))
+
+
+def unreduced_logits(reduced, images: torch.Tensor) -> np.ndarray:
+    """The unreduced fp32 model's logits on `images` (the reference of a reduced-precision engine)."""
+    from ..runtime import predict
+
+    with reduced.off():
+        return predict(reduced.model, images).numpy()
 
 
 def build_engine(
@@ -445,14 +544,21 @@ def build_engine(
     timing_cache: Optional[str | Path] = None,
     workspace_gb: float = DEFAULT_WORKSPACE_GB,
     min_agreement: Optional[float] = None,
+    reference=None,
+    max_agreement_drop: Optional[float] = None,
     meta: Optional[dict] = None,
     progress: Progress = None,
 ) -> EngineResult:
-    """Build a TensorRT engine from a validated static-shape ONNX graph, validate it against
-    onnxruntime, and write it with its metadata JSON (``<out>.json``).
+    """Build a TensorRT engine from a validated static-shape ONNX graph, validate it, and write it
+    with its metadata JSON (``<out>.json``).
 
-    calib_images: int8 calibration images (tensor [N, 3, H, W] or folder; default: check images).
+    calib_images: int8 calibration images (tensor [N, 3, H, W] or folder), required for int8 on
+      10.x and disjoint from the check images (`engine_images` splits one set).
     check_images: validation images (tensor or folder; default: the shared calibration images).
+    reference: the unreduced fp32 model's logits on the check images: fp16/int8 engines are then
+      judged by `precision.check_precision` (agreement with the unreduced model at most
+      `max_agreement_drop` below the fp32 graph's, default `precision.DEFAULT_MARGIN`), not by a
+      floor on agreement with the fp32 graph; `min_agreement` (see `agreement_floor`) adds one.
     Raises UserError without tensorrt or a GPU, ExportCheckError (nothing written) when the
     parser refuses the graph, the build fails, or the engine disagrees with onnxruntime.
     """
@@ -463,30 +569,33 @@ def build_engine(
     plan = plan_build(trt.__version__, precision)
     onnx_path, out = Path(onnx_path), Path(out)
     model_proto, shape = _load_graph(onnx_path, batch)
-    floor = MIN_AGREEMENT[precision] if min_agreement is None else min_agreement
+    floor = agreement_floor(precision, min_agreement, reference)
     notes = [f"{p} (TensorRT may still build it)" for p in parse_problems(model_proto)]
 
     with tempfile.TemporaryDirectory(prefix="tomectl-trt-") as td:
         net = _parse(trt, plan, onnx_path, model_proto, Path(td), say)
         config = _builder_config(trt, net, plan, model_proto, workspace_gb, notes)
         images, source = _images(onnx_path, check_images, n_check, shape)
-        calibrator = _int8_calibrator(trt, plan, onnx_path, calib_images, (images, source), n_check, shape)
-        if calibrator is not None:
-            config.int8_calibrator = calibrator  # kept referenced until the build is done
+        calibrator = _int8_calibrator(trt, plan, config, onnx_path, calib_images, n_check, shape)
         cache_path = Path(timing_cache) if timing_cache else default_timing_cache(trt.__version__)
         engine_tmp = Path(td) / "engine.plan"
-        build_seconds = _build_serialized(net, config, cache_path, engine_tmp, precision, say)
-        calibrator = None
+        build_seconds = _build_serialized(net, config, cache_path, engine_tmp, precision, say, notes)
+        del calibrator  # referenced until the build is done (TensorRT calls back into it)
 
-        say(f"validating against onnxruntime on {source}...")
-        runner, parity = _validate(onnx_path, engine_tmp, images, shape[0], precision, floor, out)
+        say(f"validating on {source}...")
+        runner, parity, check = _validate(onnx_path, engine_tmp, images, shape[0], precision, floor,
+                                          max_agreement_drop, reference, out)
+        if check is not None:
+            notes.append(f"engine {check.describe()}")
         result = EngineResult(
             path=str(out), precision=precision, batch=shape[0], tensorrt_version=trt.__version__,
             gpu=gpu_name(), input_shape=list(runner.input_shape), output_shape=list(runner.output_shape),
             build_seconds=round(build_seconds, 1), sha256=sha256_of(engine_tmp), timing_cache=str(cache_path),
             max_abs_diff=parity.max_abs_diff, top1_agreement=parity.top1_agreement, n_check=parity.n,
-            min_agreement=floor, metadata=str(out.with_name(out.name + ".json")),
+            min_agreement=0.0 if floor is None else floor, metadata=str(out.with_name(out.name + ".json")),
             onnx_sha256=sha256_of(onnx_path), strongly_typed=plan.strongly_typed, notes=notes,
+            precision_check=check.to_dict() if check is not None else None,
+            device_memory_bytes=runner.device_memory_bytes,
         )
         del runner
         _write_engine(engine_tmp, result, engine_metadata(result, plan, source, meta))
@@ -525,7 +634,9 @@ def engine_metadata(result: EngineResult, plan: BuildPlan, source: str, meta: Op
             "max_abs_diff": result.max_abs_diff,
             "top1_agreement": result.top1_agreement,
             "min_agreement": result.min_agreement,
+            "vs_unreduced": result.precision_check,  # fp16/int8: precision.check_precision
         },
+        "device_memory_bytes": result.device_memory_bytes,
         "notes": result.notes,
         "versions": versions(),
         "created": now(),

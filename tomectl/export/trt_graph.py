@@ -61,8 +61,10 @@ def parse_problems(model_proto) -> list[str]:
     """What keeps TensorRT's ONNX parser from building `model_proto` with built-in layers only.
 
     Returns one sentence per problem (empty: parse-ready). Checked: static input shapes, custom
-    op domains, ScatterND/ScatterElements with a reduction, NonZero, TopK's constant K (and
-    K < 3840), OneHot's constant depth.
+    op domains, ScatterND/ScatterElements with a reduction, NonZero, TopK (sorted=1 only, and a
+    constant K below 3840), OneHot's constant depth. TensorRT 10's parser takes a K computed at
+    run time (its operator table restricts only `sorted` and K < 3840: onnx-tensorrt
+    docs/operators.md), so a run-time K is not a problem; a constant one is checked against 3840.
     """
     problems = []
     consts = _constants(model_proto)
@@ -88,9 +90,9 @@ def parse_problems(model_proto) -> list[str]:
             problems.append(f"{what} has a data-dependent output shape")
         elif node.op_type == "TopK":
             k = consts.get(node.input[1]) if len(node.input) > 1 else None
-            if k is None:
-                problems.append(f"{what} has a K computed at run time; TensorRT needs a constant K")
-            elif int(np.asarray(k).reshape(-1)[0]) >= TOPK_MAX_K:
+            if _attr(node, "sorted", 1) != 1:
+                problems.append(f"{what} has sorted=0, which TensorRT's parser refuses (it takes sorted=1)")
+            if k is not None and int(np.asarray(k).reshape(-1)[0]) >= TOPK_MAX_K:
                 problems.append(
                     f"{what} has K={int(np.asarray(k).reshape(-1)[0])}; TensorRT takes K < {TOPK_MAX_K}"
                 )
