@@ -188,9 +188,14 @@ def test_tome_equals_the_reference_distilled_deit(images, schedule):
 
 
 def test_tome_equals_the_reference_at_the_reference_ramp(deit_tiny, images):
-    """The reference's own (r, inflect) rounding, given as an explicit per-layer schedule."""
+    """The reference's own (r, inflect) rounding, given as an explicit per-layer schedule; tomectl's
+    `inflect` schedule gives the same counts."""
+    from tomectl.schedule import Schedule, layer_counts
+
     per_layer = reference_parse_r(12, 13, -1.0)
     assert per_layer[:3] == [26, 23, 21] and per_layer[-1] == 0
+    for r, inflect in ((13, -1.0), (8, 0.5), (16, -0.5), (5, 1.0)):
+        assert layer_counts(Schedule(r=r, inflect=inflect), 12, 197, 1) == reference_parse_r(12, r, inflect)
     res = _check(deit_tiny, images, per_layer=per_layer)
     assert res["removed"] == per_layer
 

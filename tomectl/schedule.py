@@ -3,9 +3,11 @@
 A schedule is written as one of four shapes (the same keys in recipes, the CLI and the API):
 
 - ``{r: 13}``                   constant: every layer removes r tokens;
-- ``{r: 13, inflect: -1.0}``    linear ramp through r at the middle layer: the first layer removes
-                                r*(1 - inflect), the last r*(1 + inflect), the same total as
-                                constant r (ToMe's "decreasing schedule" is inflect = -1: 2r -> 0);
+- ``{r: 13, inflect: -1.0}``    ToMe's linear ramp, as its reference code computes it (`(r, inflect)`):
+                                from int(r*(1 - inflect)) at the first layer to 2r minus that at the
+                                last, each layer's count truncated (int), so the total is at most
+                                constant r's (ToMe's "decreasing schedule" is inflect = -1: 2r -> 0;
+                                r=13: 26 23 21 18 16 14 11 9 7 4 2 0);
 - ``{per_layer: [..]}``         explicit per-layer counts;
 - ``{keep: 0.5}``               the fraction of unprotected tokens left after the last layer,
                                 removed as evenly as possible (earlier layers take the remainder).
@@ -126,9 +128,9 @@ def layer_counts(schedule: Schedule, n_layers: int, n_tokens: int, protected: in
     r, inflect = schedule.r, schedule.inflect or 0.0
     if n_layers == 1 or inflect == 0.0:
         return [r] * n_layers
-    return [
-        max(0, round(r * (1.0 - inflect * (1.0 - 2.0 * i / (n_layers - 1))))) for i in range(n_layers)
-    ]
+    first = int(r * (1.0 - inflect))
+    step = (2 * r - 2 * first) / (n_layers - 1)
+    return [max(0, int(first + step * i)) for i in range(n_layers)]
 
 
 def token_counts(removed: Sequence[int], n_tokens: int) -> list[int]:
