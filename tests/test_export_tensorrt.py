@@ -449,14 +449,34 @@ def scripted(key: str, *, io_dtype: str = "float32", cache_ok=lambda data: True)
     return trt
 
 
+class _CpuCuda:
+    @staticmethod
+    def Stream():
+        return types.SimpleNamespace(cuda_stream=0)
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _CpuTorch:
+    """torch, but `empty(..., device="cuda")` gives a CPU tensor and `cuda.Stream()` a dummy."""
+
+    cuda = _CpuCuda()
+
+    @staticmethod
+    def empty(*args, device=None, **kwargs):
+        return torch.empty(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
 @pytest.fixture
 def on_fake(monkeypatch, graphs, tmp_path):
     """Install a scripted fake: (install(trt), onnx path); CUDA buffers become CPU tensors."""
     onnx_path = tmp_path / "m.onnx"
     onnx.save(graphs["onehot"], str(onnx_path))
-    empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **k: empty(*a, **k))
-    monkeypatch.setattr(torch.cuda, "Stream", lambda: types.SimpleNamespace(cuda_stream=0))
+    monkeypatch.setattr(trt_engine, "torch", _CpuTorch())  # only trt_engine sees CPU "CUDA" buffers
     monkeypatch.setattr(trt_engine, "_LOGGERS", {})
 
     def install(trt):
@@ -635,3 +655,39 @@ def test_bench_trt_rows_report_the_engines_device_memory(monkeypatch):
             "warmup": 1, "iters": 2}
     out = bench_worker.run_worker(spec)
     assert out["peak_mem_mb"] == 320 and out["mem_kind"] == "cuda-trt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key,precision", [("11.4", "fp16"), ("10.3", "int8")])
+def test_export_hands_the_engine_disjoint_images_and_the_unreduced_reference(key, precision, on_fake,
+                                                                             tmp_path, monkeypatch):
+    """`tomectl export --trt` end to end on DeiT-Tiny (random weights) with the generated fake."""
+    from tomectl.export import export
+    from tomectl.recipe import from_dict
+
+    install, _ = on_fake
+    install(scripted(key))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the default timing cache
+    monkeypatch.setattr(trt_export, "require_tensorrt", trt_engine.require_tensorrt)
+    seen = {}
+    real = trt_engine.build_engine
+
+    def spy(onnx_path, out, **kw):
+        seen.update(kw)
+        session = load_session(onnx_path)
+        monkeypatch.setattr(trt_engine, "run_engine", lambda runner, x: run_session(session, x, 1))
+        return real(onnx_path, out, **kw)
+
+    monkeypatch.setattr(trt_export, "build_engine", spy)
+    recipe = from_dict({"model": "deit_tiny_patch16_224", "method": "tome", "schedule": {"r": 13}})
+    rep = export(recipe, trt_out=tmp_path / "m.engine", precision=precision, random_weights=True,
+                 check_images=16, simplify=False)
+    check, reference = seen["check_images"], seen["reference"]
+    assert reference.shape == (len(check), 1000)
+    if precision == "int8":
+        calib = seen["calib_images"]
+        assert len(calib) == 8 and len(check) == 8
+        assert not any(torch.equal(a, b) for a in calib for b in check)
+    else:
+        assert seen["calib_images"] is None and len(check) == 16
+    assert rep.engine.precision_check["n"] == len(check) and (tmp_path / "m.engine").is_file()
