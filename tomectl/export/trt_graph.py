@@ -21,7 +21,9 @@ import torch
 from ..errors import UserError
 
 PRECISIONS = ("fp32", "fp16", "int8")
-# top-1 agreement with onnxruntime fp32 an engine must reach before it is written
+# top-1 agreement with onnxruntime fp32 an engine must reach before it is written: fp32 engines, and
+# fp16/int8 engines built without the unreduced model's logits (with them, `precision.check_precision`
+# judges them instead: see trt_engine.agreement_floor)
 MIN_AGREEMENT = {"fp32": 0.99, "fp16": 0.99, "int8": 0.95}
 TOPK_MAX_K = 3840
 DECISION_OPS = ("TopK", "ArgMax", "ArgMin")
