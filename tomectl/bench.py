@@ -24,7 +24,8 @@ report.json (`BenchReport.to_dict`), schema_version 1:
         (gmacs_base / gmacs), latency_ms {mean, p10, p50, p90, p95, p99, min, std, n} of one
         batch (n timed iterations, all rounds pooled), img_per_s (batch / mean latency),
         peak_mem_mb, mem_kind ("rss": the worker's peak resident set while timing, model and
-        runtime included; "cuda": torch.cuda.max_memory_allocated), threads, speedup (the
+        runtime included; "cuda": torch.cuda.max_memory_allocated; "cuda-trt": the engine's device
+        memory plus the I/O buffers), threads, speedup (the
         baseline's p50 / this p50, same backend and batch, same run), efficiency (speedup /
         flops_ratio: 1.0 means every multiply-accumulate saved became time saved), error (null,
         or why this configuration could not run), precision (fp32, or the fp16/int8 graph or

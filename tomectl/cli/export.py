@@ -49,11 +49,18 @@ def render(rep) -> None:
         t.add_row(
             "TensorRT", f"{e.tensorrt_version} on {e.gpu}, {e.precision}, built in {e.build_seconds:.0f} s"
         )
+        floor = f" (floor {e.min_agreement:.0%})" if e.min_agreement else ""
         t.add_row(
             "engine vs onnxruntime",
-            f"top-1 agreement {e.top1_agreement:.1%} (floor {e.min_agreement:.0%}), "
+            f"top-1 agreement {e.top1_agreement:.1%}{floor}, "
             f"max |diff| {e.max_abs_diff:.3g} on {e.n_check} images",
         )
+        if e.precision_check:
+            c = e.precision_check
+            t.add_row("vs unreduced fp32",
+                      f"agreement {c['agreement']:.1%} (fp32 graph {c['agreement_fp32']:.1%}, "
+                      f"{c['difference'] * 100:+.1f} points, 95 % [{c['difference_ci95'][0] * 100:+.1f}, "
+                      f"{c['difference_ci95'][1] * 100:+.1f}]) on {c['n']} images")
     common.out.print(t)
     for note in (o.notes if o else []) + (e.notes if e else []):
         common.console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
@@ -108,7 +115,9 @@ def export(
         None, "--workspace-gb", help="TensorRT builder workspace (GB)."
     ),
     min_agreement: Optional[float] = typer.Option(
-        None, "--min-agreement", help="Engine top-1 agreement floor vs onnxruntime (default 0.99; int8 0.95)."
+        None, "--min-agreement",
+        help="Engine top-1 agreement floor vs the fp32 onnxruntime graph (default 0.99 for fp32 engines; "
+        "fp16/int8 engines are judged against the unreduced model, see --max-agreement-drop)."
     ),
     method: str = common.Method,
     r: Optional[int] = common.R,
