@@ -531,8 +531,9 @@ def report(index, evals, sp, timing, cal, per_layer, cal_dir, cal_seconds, args,
     say("")
     say("fp32 unreduced latency (ms per batch, median): " +
         ", ".join(f"{c} {v:.2f}" for c, v in base.items()) + ". Columns bN tT: batch N, T threads. "
-        "'default check': what `tomectl export --precision int8` would decide (agreement no more than "
-        f"{100 * DEFAULT_MARGIN['int8']:g} points below the fp32 graph's), here on the val images.")
+        "'default check': what `tomectl export --precision int8`'s check (`check_precision`, default margin) "
+        f"decides, here on the val images: refused when the whole 95 % interval of the paired difference "
+        f"lies more than {100 * DEFAULT_MARGIN['int8']:g} points below the fp32 graph's agreement.")
     say("")
     say("## DeiT-S, random weights: speed only")
     say("")
@@ -688,8 +689,8 @@ def readme_section(index, evals, sp, args, gen, goals) -> str:
         "  **static** QDQ (`--int8-mode static`) is calibrated on `--calib-images` (64 by default, disjoint",
         "  from the 256 it is validated on) and is the format TensorRT 11 builds int8 engines from.",
         "- The export refuses (exit code non-zero, nothing written) a graph whose agreement with the",
-        f"  unreduced model falls more than {100 * m['int8']:g} points (int8; {100 * m['fp16']:g} for fp16) "
-        "below the fp32 reduced graph's,",
+        f"  unreduced model is shown (the whole 95 % interval) to fall more than {100 * m['int8']:g} points "
+        f"(int8; {100 * m['fp16']:g} for fp16) below the fp32 reduced graph's,",
         "  paired on the same images; `--max-agreement-drop` changes the margin. The sidecar JSON records",
         "  both agreements, the 95 % interval of their difference and which nodes were converted.",
         "- fp16: inputs, outputs and decision nodes stay fp32. Near-tied merges may flip to equally good",
