@@ -278,7 +278,7 @@ def evaluate(index: dict, workdir: Path, args) -> dict:
 
 def timing_configs(index: dict, args) -> list[tuple]:
     out = []
-    for k, g in index.items():
+    for k in index:
         model, label, prec, batch = k.split("|")
         if prec == "generic-static" and label != "r=13":
             continue
@@ -312,7 +312,7 @@ def speedups(runs: dict, rounds: int) -> dict:
     for key, rs in runs.items():
         model, label, prec, batch, t = key.split("|")
         base = runs[f"{model}|r=0|fp32|{batch}|{t}"]
-        ratios = [b["median_ms"] / r["median_ms"] for b, r in zip(base, rs)]
+        ratios = [b["median_ms"] / r["median_ms"] for b, r in zip(base, rs, strict=False)]
         out[key] = {"ms": statistics.median(r["median_ms"] for r in rs),
                     "ms_rounds": [round(r["median_ms"], 3) for r in rs],
                     "speedup": statistics.median(ratios), "lo": min(ratios), "hi": max(ratios),
@@ -587,7 +587,7 @@ def report(index, evals, sp, timing, cal, per_layer, cal_dir, cal_seconds, args,
             b = timing["runs"].get(f"{SMALL}|r=13|{prec}|8|t{t}")
             if not (a and b):
                 continue
-            ratios = [x["median_ms"] / y["median_ms"] for x, y in zip(a, b)]
+            ratios = [x["median_ms"] / y["median_ms"] for x, y in zip(a, b, strict=False)]
             m = statistics.median(ratios)
             s_a, s_b = sp[f"{SMALL}|r=0|{prec}|8|t{t}"], sp[f"{SMALL}|r=13|{prec}|8|t{t}"]
             name = f"DeiT-S b8 t{t} {PREC_NAME[prec]}: (int8 + r=13) / (int8 alone) speedup >= 1.5"
@@ -639,7 +639,7 @@ def report(index, evals, sp, timing, cal, per_layer, cal_dir, cal_seconds, args,
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     plot(pts, out.with_suffix(".png"),
          f"DeiT-Tiny (shared weights), onnxruntime CPU, batch 1, 1 thread; agreement on {n_val} val images")
-    print("\n".join(l for l in lines if not l.startswith("## README")))
+    print("\n".join(line for line in lines if not line.startswith("## README")))
 
 
 
