@@ -15,12 +15,13 @@ inside the method's learned modules, never one feeding only decisions (`trt_grap
 Everything else stays float.
 
 int8 for onnxruntime (`onnxruntime.quantization`):
-- "dynamic" (default): int8 weights per output channel, activations quantized at run time; no
-  calibration. Chosen by measurement (DeiT-Tiny, shared weights, onnxruntime 1.32 CPU, 1 thread,
-  batch 1, 300 val images, against the fp32 unreduced model): at r=13 dynamic ran 12.6 ms at
-  93.7 % agreement, static QDQ 13.9-14.7 ms at 91.3-92.7 % (MinMax, Percentile, Entropy on 64
-  train images); unreduced 16.8 ms / 99.3 % (dynamic) vs 19.2-21.2 ms / 97.0-98.7 % (static).
-  On this CPU the QDQ graph pays for its Quantize/Dequantize pairs and gains nothing in accuracy.
+- "dynamic" (default): int8 weights, activations quantized at run time; no calibration. The
+  default by measurement (`benchmarks/results/precision.md`: DeiT-Tiny, shared weights, onnxruntime
+  1.32 CPU, all 1,300 val images against the fp32 unreduced model): at every schedule it agrees
+  0.4-1.3 points more than static QDQ (r=13: 92.5 vs 92.5 %, calibrated: 96.8 vs 96.0 %, r=0:
+  97.9 vs 96.9 %, which tomectl's own check refuses for static), needs no calibration images, and
+  ran faster on DeiT-S at batch 8 (3.3x vs 3.2x with r=13, 2.4x vs 1.8x without); at batch 1 on
+  DeiT-Tiny the two ran within noise of each other (static 0-10 % faster at r=4-8 in one run).
 - "static": QDQ, per-channel weights, calibrated on images (`--calib-images`, default the shared
   train images) by Entropy or Percentile or MinMax; the format TensorRT 11 (strongly typed,
   explicit Q/DQ) builds int8 engines from.
