@@ -15,11 +15,13 @@ from tomectl.export.onnx import (
     ATOL,
     ExportCheckError,
     _translations,
-    compare,
     export_onnx,
     load_session,
     near_tie_reference,
     run_session,
+)
+from tomectl.export.onnx import (
+    parity as compare,
 )
 
 SIZE = (3, 64, 64)

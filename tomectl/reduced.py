@@ -222,6 +222,14 @@ class Reduced:
 
     # --- changing it --------------------------------------------------------------------------
 
+    def unreduced_logits(self, images: torch.Tensor):
+        """numpy logits of the unreduced fp32 model (this model, reduction off) on `images`: the
+        reference a reduced-precision graph or engine is judged against."""
+        from .runtime import predict
+
+        with self.off():
+            return predict(self.model, images).numpy()
+
     def off(self):
         """Context manager: the unreduced model (timm's own forward, same weights), then back on."""
         return reduction_off(self.model)
@@ -236,8 +244,9 @@ class Reduced:
         """Aim the model at `target`: its merge formulation is installed (numbers do not change)."""
         formulation, _ = target.formulation_for(self.recipe.formulation)
         self.target = target
-        return self.replan(formulation=formulation, track_source=False) if target.graph else \
-            self.replan(formulation=formulation)
+        if target.graph:  # graphs never track sources (nothing reads them there)
+            return self.replan(formulation=formulation, track_source=False)
+        return self.replan(formulation=formulation)
 
     # --- running and exporting it -------------------------------------------------------------
 

@@ -45,8 +45,6 @@ from ..artifact import atomic_file, write_json
 from ..errors import UserError
 from ..runtime import Status, chunks, ort_session, run_session
 
-_chunks = chunks  # older name, still imported by export/tensorrt.py
-
 OPSET = 18  # the exporter's native opset; TensorRT 10 parses it (Gelu stays decomposed into Erf)
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -521,7 +519,6 @@ def _try_simplify(proto):
 
 def sidecar_document(result: OnnxExportResult, model: nn.Module, atol: float, meta: Optional[dict],
                      reduction: Optional[dict] = None) -> dict:
-    from ..provenance import now, versions
 
     doc = {
         "file": Path(result.path).name,
@@ -554,12 +551,17 @@ def sidecar_document(result: OnnxExportResult, model: nn.Module, atol: float, me
             "near_ties": result.near_ties,
         },
         "exporter": result.exporter,
-        "versions": versions(),
-        "created": now(),
     }
+    return stamped(doc, meta)
+
+
+def stamped(doc: dict, meta: Optional[dict]) -> dict:
+    """A sidecar document with the versions and time it was made, and the caller's `meta` on top
+    (model, weights, recipe): the tail every exported file's JSON shares (ONNX, engines)."""
+    from ..provenance import now, versions
+
+    doc.update(versions=versions(), created=now())
     if meta:
         doc.update(meta)
     return doc
 
-
-compare = parity  # the older name (export/tensorrt.py)

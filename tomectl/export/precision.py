@@ -358,10 +358,9 @@ def validate(reduced, fp32_graph: Path, candidate: Path, check: torch.Tensor, op
              batch: int) -> PrecisionCheck:
     """`check_precision` of `candidate` on the check images (the unreduced reference: the same model
     with the reduction off, in fp32 PyTorch)."""
-    from ..runtime import ort_session, predict, run_session
+    from ..runtime import ort_session, run_session
 
-    with reduced.off():
-        unreduced = predict(reduced.model, check).numpy()
+    unreduced = reduced.unreduced_logits(check)
     fp32 = run_session(ort_session(fp32_graph), check, batch)
     try:
         cand = run_session(ort_session(candidate), check, batch)

@@ -29,7 +29,9 @@ import torch
 
 from ..artifact import atomic_file, write_json
 from ..errors import UserError
-from .onnx import ExportCheckError, Progress, _chunks, compare, ort_session, readable, run_session
+from ..runtime import chunks
+from .onnx import ExportCheckError, Progress, ort_session, readable, run_session, stamped
+from .onnx import parity as parity_of
 from .trt_graph import (
     MIN_AGREEMENT,
     BuildPlan,
@@ -305,7 +307,7 @@ class TrtRunner:
 
 def run_engine(runner: TrtRunner, images: torch.Tensor) -> np.ndarray:
     out = []
-    for chunk, real in _chunks(images, runner.batch):
+    for chunk, real in chunks(images, runner.batch):
         out.append(runner(chunk.numpy())[:real])
     return np.concatenate(out)
 
@@ -493,7 +495,7 @@ def _validate(onnx_path: Path, engine_path: Path, images: torch.Tensor, batch: i
     fp32 = run_session(ort_session(onnx_path), images, batch)
     runner = TrtRunner(engine_path)
     logits = run_engine(runner, images)
-    parity = compare(fp32, logits)
+    parity = parity_of(fp32, logits)
     check = None
     if reference is not None and precision != "fp32":
         reference = np.asarray(reference)
@@ -526,10 +528,7 @@ def engine_images(images: torch.Tensor, precision: str,
 
 def unreduced_logits(reduced, images: torch.Tensor) -> np.ndarray:
     """The unreduced fp32 model's logits on `images` (the reference of a reduced-precision engine)."""
-    from ..runtime import predict
-
-    with reduced.off():
-        return predict(reduced.model, images).numpy()
+    return reduced.unreduced_logits(images)
 
 
 def build_engine(
@@ -611,7 +610,6 @@ def _write_engine(engine_path: Path, result: EngineResult, metadata: dict) -> No
 
 
 def engine_metadata(result: EngineResult, plan: BuildPlan, source: str, meta: Optional[dict]) -> dict:
-    from ..provenance import now, versions
 
     doc = {
         "file": Path(result.path).name,
@@ -638,9 +636,5 @@ def engine_metadata(result: EngineResult, plan: BuildPlan, source: str, meta: Op
         },
         "device_memory_bytes": result.device_memory_bytes,
         "notes": result.notes,
-        "versions": versions(),
-        "created": now(),
     }
-    if meta:
-        doc.update(meta)
-    return doc
+    return stamped(doc, meta)
