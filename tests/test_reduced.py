@@ -153,7 +153,8 @@ def test_bench_and_calibrate_time_the_bytes_export_writes(tmp_path):
     assert main(["export", str(art), "--onnx", str(onnx8), "--batch", "2", "--precision", "int8",
                  "--json"]) == 0
 
-    rep = run_bench([str(art)], schedules=[], backends=["ort"], batches=[2], iters=1, warmup=0,
+    rep = run_bench([str(art)], schedules=[], backends=["ort"], batches=[2], iters=1, warmup=0, warmup_s=0,
+                    rounds=1, prime=False,
                     precisions=["fp32", "int8"])
     assert [r.label for r in rep.rows] == ["r=0", "art", "r=0 int8", "art int8"]
     row = rep.row("ort", 2, "art")

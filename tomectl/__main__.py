@@ -1,5 +1,11 @@
+"""`python -m tomectl`: the same entry point as the `tomectl` script (Ctrl-C safe from the start)."""
+
 import sys
 
-from .cli import main
-
-sys.exit(main())
+if __name__ == "__main__":
+    try:
+        from .cli import _entry
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted; nothing written\n")
+        sys.exit(130)
+    _entry()

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import yaml
 
@@ -114,15 +114,88 @@ def write_json(path: Path, doc: dict) -> None:
     path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
+def check_input_file(path: str | Path, what: str, expected: str) -> Path:
+    """`path` as an existing, readable, non-empty regular file, or one UserError naming it, what it
+    is (`what`: "weights file", "ONNX file"...) and what was `expected`."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory; expected {expected}")
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            empty = not f.read(1)
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if empty:
+        raise UserError(f"{what} {path} is empty (0 bytes); expected {expected}")
+    return path
+
+
+def text_start(path: str | Path, n: int = 512) -> Optional[str]:
+    """The start of the file's first line where the file begins as text (UTF-8, no NUL), else None:
+    so a binary-format reader can say "this is a text file" instead of its parser's complaint."""
+    with open(path, "rb") as f:
+        head = f.read(n)
+    if b"\x00" in head:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:  # a multi-byte character cut at the end is still text
+        if e.start < len(head) - 3:
+            return None
+        text = head[: e.start].decode("utf-8")
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in text):
+        return None
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line[:40] + ("..." if len(line) > 40 else "")
+
+
+def read_json(path: str | Path, what: str, expected: str = "a JSON object") -> dict:
+    """The JSON object in `path` (`what` names the file for people: "summary", "sidecar"...).
+
+    Every way the file can be wrong (missing, a directory, unreadable, not UTF-8, empty, truncated
+    or not JSON, JSON that is not an object) is one UserError naming the file and what was expected."""
+    path = Path(path)
+    where = f"{what} {path}"
+    if path.is_dir():
+        raise UserError(f"{where} is a directory; expected a file with {expected}")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{where} does not exist") from None
+    except OSError as e:
+        raise UserError(f"cannot read {where}: {e.strerror or e}") from None
+    if not raw.strip():
+        raise UserError(f"{where} is empty; expected {expected}")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{where} is not text (not UTF-8); expected {expected}") from None
+    except json.JSONDecodeError as e:
+        text = raw.decode("utf-8").strip()
+        cut = (" (it stops before its closing brace: truncated?)"
+               if text[:1] == "{" and text[-1:] != "}" else "")
+        raise UserError(f"{where} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}){cut}; "
+                        f"expected {expected}") from None
+    if not isinstance(doc, dict):
+        kind = {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+            type(doc), "null")
+        raise UserError(f"{where} holds a JSON {kind}; expected {expected}")
+    return doc
+
+
 def read(artifact_dir: str | Path) -> tuple[Recipe, dict]:
     d = Path(artifact_dir)
     if not d.is_dir():
-        raise UserError(f"{d} is not an artifact directory (no such directory)")
+        what = "is a file" if d.exists() else "no such directory"
+        raise UserError(f"{d} is not an artifact directory ({what})")
     if not (d / RECIPE).is_file():
         raise UserError(f"{d} is not an artifact directory: it has no {RECIPE}")
     summary = {}
-    if (d / SUMMARY).is_file():
-        summary = json.loads((d / SUMMARY).read_text())
+    if (d / SUMMARY).exists():
+        summary = read_json(d / SUMMARY, "artifact summary",
+                            "the JSON object `tomectl compress` writes; recreate the artifact")
     return load_recipe(d / RECIPE), summary
 
 
@@ -149,15 +222,16 @@ def load_learned(model, path: str | Path, sha256: str | None = None) -> None:
 
     from .models import sha256_of
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"learned parameters file {path} does not exist")
+    path = check_input_file(path, "learned parameters file",
+                            "the learned.safetensors that `tomectl train` writes")
     if sha256 and sha256_of(path) != sha256:
         raise UserError(f"learned parameters {path} changed since the artifact was made (sha256 differs)")
     try:
         sd = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise UserError(f"{path} is not a safetensors file: {e}") from None
+        first = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        raise UserError(f"learned parameters file {path} is not a readable safetensors file "
+                        f"(truncated or corrupt: {first}); retrain, or restore the artifact's copy") from None
     from .reduced import learned_modules
 
     modules = learned_modules(model)

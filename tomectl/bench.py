@@ -4,8 +4,12 @@ Every (backend, batch, schedule) configuration is timed in its own fresh process
 (`tomectl.bench_worker`): onnxruntime's spinning thread pool, torch's OpenMP pool, the allocator's
 state and a compiled graph would otherwise disturb whatever runs next in the same process. The
 parent builds the models, counts GMACs analytically and exports the ONNX graphs (not timed), then
-runs the workers one after another. With ``rounds > 1`` all configurations run round-robin that
-many times and their samples are pooled, so drift of a shared machine hits every row alike.
+runs the workers one after another. All configurations run round-robin ``rounds`` times (3 by
+default) so drift of a shared machine hits every row alike; each row's samples are pooled for its
+latency, and kept per round for its speedup's spread: the per-round ratio (baseline p50 of round k
+/ row p50 of round k), a 95 % interval, and a flag where the rounds disagree beyond their spread
+(`speedup_spread`). Before round 1 the first configuration of each backend runs once untimed
+(``prime``), and every process warms up until its latency settles (`bench_worker.warm_up`).
 
 Backends: ``torch`` (eager CPU), ``torch-compile`` (``torch.compile``), ``torch-cuda``, ``ort``
 (onnxruntime CPU), ``ort-cuda`` / ``ort-trt`` (onnxruntime's CUDA / TensorRT providers) and ``trt``
@@ -16,8 +20,10 @@ report.json (`BenchReport.to_dict`), schema_version 1:
     schema_version  1
     kind            "bench"
     model           timm model name
-    config          {warmup, iters, duration_s, threads, rounds, random_weights, weights (source,
-                    path, sha256), backends, batches, input_size, simplify_onnx}
+    config          {warmup (calls at least), warmup_s (seconds at least, until the running median
+                    settles; 0: exactly `warmup` calls), warmup_max_s (the bound), prime (bool), iters,
+                    duration_s, threads, rounds, random_weights, weights (source, path, sha256),
+                    backends, batches, input_size, simplify_onnx}
     rows            one per (backend, batch, schedule), the baseline (r=0) first in each group:
         backend, batch, label ("r=13" or the artifact's name), schedule, method, baseline (bool),
         removed_per_layer, params, gmacs (analytic, per image), gmacs_base, flops_ratio
@@ -33,12 +39,20 @@ report.json (`BenchReport.to_dict`), schema_version 1:
         formulation (the merge formulation this backend ran: the recipe's in torch, onehot in the
         ONNX/TensorRT graphs, which `gmacs` is priced on), graph_sha256 (the exported graph or
         engine that was timed: byte for byte what `tomectl export` writes for the same artifact,
-        backend, batch and precision; null for torch)
+        backend, batch and precision; null for torch), speedup_rounds (the per-round ratios),
+        speedup_round_ci ([lo, hi] per round: 95 % bootstrap over that round's samples),
+        speedup_ci ([lo, hi]: 95 % interval of `speedup`, bootstrap over rounds, then over samples
+        within them), speedup_stable (false: the rounds disagree beyond their spread, i.e. their
+        intervals share no point and the ratios differ by over 5 %, or speedup_ci spans more than a
+        factor 2; the tables then print "~1.4x ?", not a result; null with one round and a narrower
+        interval; all four null where speedup is), rounds (per round:
+        p50_ms, n, warmup {calls, s, settled}, speedup)
     evals           accuracy from `tomectl eval --out` files given with --eval: target, model,
                     schedule, gmacs, gmacs_base, top1, top5, agreement, ref_top1, n
     provenance      {versions, machine (cpu, cpu_count, torch_threads, platform, gpu, bench_threads),
                     date, load_average {start, end}: the 1-minute load average}
-    notes           free-text caveats (export parity, a busy machine, noisy rows)
+    notes           free-text caveats (export parity, a busy machine, noisy rows, unstable speedups,
+                    warm-ups stopped at their bound)
 """
 
 from __future__ import annotations
@@ -55,18 +69,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .bench_worker import run_worker
+from .bench_worker import WARMUP_MAX_S, WARMUP_MIN_CALLS, WARMUP_MIN_S, run_worker
 from .errors import UserError
 from .recipe import Recipe
 from .reduced import BACKENDS, GPU_BACKENDS, Target, check_backends
 from .runtime import Progress
 
-__all__ = ["BACKENDS", "GPU_BACKENDS", "BenchReport", "BenchRow", "LatencyStats", "check_backends",
-           "export_for_bench", "measure_latency", "run_bench"]
+__all__ = ["BACKENDS", "GPU_BACKENDS", "BenchReport", "BenchRow", "LatencyStats", "SpeedupSpread",
+           "check_backends", "export_for_bench", "measure_latency", "run_bench", "speedup_spread"]
 
 SCHEMA_VERSION = 1
 WORKER_TIMEOUT_S = 1800
 NOISY_SPREAD = 0.25
+DEFAULT_ROUNDS = 3
+# A speedup's rounds "disagree" when their per-round 95 % intervals (bootstrap over the round's
+# samples) share no common point AND the per-round ratios differ by more than this (relative):
+# differences this small are not worth a flag even where the intervals are very narrow.
+STABLE_TOL = 0.05
+# A speedup whose 95 % interval spans more than this factor (hi / lo) is no result either (seen on
+# the 2-core shared machine: torch r=13 rounds 1.76x, 21.3x, 1.04x, each round's own interval as wide).
+WIDE_CI = 2.0
+CI_LEVEL = 0.95
+N_BOOT = 1000
 # ToMe's matching is a discrete choice: with random weights near-ties are common, and rounding that
 # differs between PyTorch and onnxruntime flips one now and then (measured on DeiT-T r=13: 2 of 16
 # images off by 2e-3 and 5e-3, the other 14 within 1e-6). The graph's cost does not depend on which
@@ -125,6 +149,71 @@ class LatencyStats:
                 if k != "graph_sha256"}
 
 
+@dataclass(frozen=True)
+class SpeedupSpread:
+    """A speedup (baseline p50 / row p50, all rounds pooled) with its spread over rounds.
+
+    rounds: the per-round ratio (baseline p50 of round k / row p50 of round k); round_ci: each
+    round's 95 % interval (bootstrap over that round's samples); ci: the 95 % interval of the pooled
+    ratio (bootstrap over rounds, then over samples within them: drift between rounds and noise
+    within them); stable: False where the rounds disagree beyond their spread (`STABLE_TOL`) or the
+    interval spans more than a factor `WIDE_CI`, None with one round and a narrower interval (drift
+    between rounds not measured); why: what made it unstable."""
+
+    ratio: float
+    ci: tuple[float, float]
+    rounds: tuple[float, ...]
+    round_ci: tuple[tuple[float, float], ...]
+    stable: Optional[bool]
+    why: Optional[str] = None
+
+
+def speedup_spread(base_rounds: Sequence[Sequence[float]], row_rounds: Sequence[Sequence[float]], *,
+                   level: float = CI_LEVEL, n_boot: int = N_BOOT, tol: float = STABLE_TOL,
+                   wide: float = WIDE_CI, seed: int = 0) -> SpeedupSpread:
+    """The speedup of `row` over `base` from their latency samples (ms), one list per round, paired
+    by round (round k of both ran back to back); see `SpeedupSpread`. Deterministic (`seed`)."""
+    import numpy as np
+
+    pairs = [(np.asarray(b, dtype=float), np.asarray(r, dtype=float))
+             for b, r in zip(base_rounds, row_rounds, strict=True) if len(b) and len(r)]
+    if not pairs:
+        raise ValueError("no rounds with samples on both sides")
+    rng = np.random.default_rng(seed)
+    lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
+
+    def resample(x: np.ndarray, n: int) -> np.ndarray:  # n bootstrap resamples of x, one per row
+        return x[rng.integers(0, len(x), size=(n, len(x)))]
+
+    rounds = tuple(float(np.median(b) / np.median(r)) for b, r in pairs)
+    round_ci = []
+    for b, r in pairs:
+        reps = np.median(resample(b, n_boot), axis=1) / np.median(resample(r, n_boot), axis=1)
+        round_ci.append((float(np.quantile(reps, lo_q)), float(np.quantile(reps, hi_q))))
+    # the pooled ratio: rounds drawn with replacement (a round's baseline and row together), then
+    # samples within each drawn round
+    k = len(pairs)
+    boot_b = [resample(b, n_boot) for b, _ in pairs]
+    boot_r = [resample(r, n_boot) for _, r in pairs]
+    picks = rng.integers(0, k, size=(n_boot, k))
+    reps = np.empty(n_boot)
+    for i in range(n_boot):
+        bb = np.concatenate([boot_b[j][i] for j in picks[i]])
+        rr = np.concatenate([boot_r[j][i] for j in picks[i]])
+        reps[i] = np.median(bb) / np.median(rr)
+    pooled_b, pooled_r = np.concatenate([b for b, _ in pairs]), np.concatenate([r for _, r in pairs])
+    ratio = float(np.median(pooled_b) / np.median(pooled_r))
+    ci = (min(float(np.quantile(reps, lo_q)), ratio), max(float(np.quantile(reps, hi_q)), ratio))
+    stable, why = None, None
+    if k >= 2:
+        overlap = max(lo for lo, _ in round_ci) <= min(hi for _, hi in round_ci)
+        stable = bool(overlap or max(rounds) / min(rounds) - 1 <= tol)
+        why = None if stable else "its rounds disagree beyond their spread"
+    if ci[1] > wide * ci[0]:
+        stable, why = False, why or f"its 95 % interval spans more than a factor {wide:g}"
+    return SpeedupSpread(ratio, ci, rounds, tuple(round_ci), stable, why)
+
+
 @dataclass
 class BenchRow:
     backend: str
@@ -147,6 +236,8 @@ class BenchRow:
     precision: str = "fp32"
     formulation: Optional[str] = None  # the merge formulation this backend ran
     graph_sha256: Optional[str] = None  # the exported graph (or engine) that was timed
+    spread: Optional[SpeedupSpread] = None  # the speedup's spread over rounds
+    rounds: list[dict] = field(default_factory=list)  # per round: p50_ms, n, warmup {calls, s, settled}
 
     @property
     def flops_ratio(self) -> float:
@@ -171,6 +262,12 @@ class BenchRow:
             "mem_kind": self.mem_kind, "threads": self.threads,
             "speedup": r4(self.speedup), "efficiency": r4(self.efficiency), "error": self.error,
             "precision": self.precision, "formulation": self.formulation, "graph_sha256": self.graph_sha256,
+            "speedup_ci": None if self.spread is None else [r4(v) for v in self.spread.ci],
+            "speedup_rounds": None if self.spread is None else [r4(v) for v in self.spread.rounds],
+            "speedup_round_ci": None if self.spread is None else [[r4(v) for v in c]
+                                                                  for c in self.spread.round_ci],
+            "speedup_stable": None if self.spread is None else self.spread.stable,
+            "rounds": [{k: r4(v) if isinstance(v, float) else v for k, v in d.items()} for d in self.rounds],
         }
 
 
@@ -274,9 +371,14 @@ def _load_average() -> Optional[float]:
 
 
 def _check_counts(warmup: int, iters: Optional[int], duration: Optional[float], batches: Sequence[int],
-                  threads: int, rounds: int) -> None:
+                  threads: int, rounds: int, warmup_s: float = 0.0,
+                  warmup_max_s: float = WARMUP_MAX_S) -> None:
     if warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {warmup}")
+    if not warmup_s >= 0:  # NaN too
+        raise UserError(f"--warmup-s must be >= 0, got {warmup_s}")
+    if not warmup_max_s >= 0:
+        raise UserError(f"--warmup-max-s must be >= 0, got {warmup_max_s}")
     if duration is None and (iters is None or iters < 1):
         raise UserError(f"--iters must be >= 1, got {iters}")
     if duration is not None and duration <= 0:
@@ -386,10 +488,14 @@ def _export_all(entries, backends, batches, workdir: Path, tick, **kw) -> _Graph
 
 
 def _time_all(entries, backends, batches, rounds: int, graphs: _Graphs, base_spec: dict, workdir: Path,
-              tick) -> tuple[dict, dict]:
-    """Run every configuration `rounds` times round-robin: (pooled samples, last result) per key."""
-    samples: dict[tuple, list[float]] = {}
+              tick, prime: bool = False) -> tuple[dict, dict]:
+    """Run every configuration `rounds` times round-robin: (samples per round, last result) per key.
+
+    samples[key] is one list of samples per round (a round whose run failed stops the row). With
+    `prime`, the first configuration of each backend runs once more before round 1, untimed."""
+    samples: dict[tuple, list[list[float]]] = {}
     results: dict[tuple, dict] = {}
+    primed: set[str] = set()
     for rnd in range(rounds):
         for backend in backends:
             kind = "trt" if backend == "trt" else "onnx" if backend.startswith("ort") else None
@@ -409,11 +515,20 @@ def _time_all(entries, backends, batches, rounds: int, graphs: _Graphs, base_spe
                             results[key] = {"error": graphs.errors.get((kind, e.label, bs), "export failed")}
                             continue
                         spec["onnx" if kind == "onnx" else "engine"] = str(path)
+                    if prime and backend not in primed:
+                        # thrown away: the first process right after the exports. In 3 traced runs on
+                        # the shared 2-core machine, the one whose exports had just run saw its first
+                        # process 5x slower than the same configuration in later rounds; one process
+                        # per backend is cheap insurance (the rounds and their flag catch the rest).
+                        primed.add(backend)
+                        run_isolated(spec, workdir)
                     res = run_isolated(spec, workdir)
                     if "error" not in res:
-                        samples.setdefault(key, []).extend(res["samples_ms"])
+                        samples.setdefault(key, []).append(list(res["samples_ms"]))
                         prev = results.get(key, {}).get("peak_mem_mb", 0.0)
                         res["peak_mem_mb"] = max(res["peak_mem_mb"], prev)
+                        res["rounds"] = [*results.get(key, {}).get("rounds", []),
+                                         {"warmup": res.get("warmup")}]
                     results[key] = res
     return samples, results
 
@@ -427,7 +542,8 @@ def _rows(entries, built: dict, backends, batches, samples: dict, results: dict,
             base_row = None
             for e in entries:
                 b = built[e.base or e.label]
-                res = results.get((backend, bs, e.label), {"error": "not run"})
+                key = (backend, bs, e.label)
+                res = results.get(key, {"error": "not run"})
                 target = Target(backend, batch=bs, formulation=formulation)
                 kind = "trt" if backend == "trt" else "onnx" if target.graph else None
                 if kind is None and e.precision != "fp32":
@@ -441,13 +557,26 @@ def _rows(entries, built: dict, backends, batches, samples: dict, results: dict,
                     graph_sha256=graphs.sha256.get((kind, e.label, bs)), precision=e.precision,
                 )
                 if row.error is None:
-                    row.latency = LatencyStats.of(samples[(backend, bs, e.label)])
+                    per_round = samples[key]
+                    row.latency = LatencyStats.of([v for rnd in per_round for v in rnd])
                     row.peak_mem_mb, row.mem_kind = res["peak_mem_mb"], res["mem_kind"]
+                    row.rounds = [{"p50_ms": LatencyStats.of(rnd).p50, "n": len(rnd), **info}
+                                  for rnd, info in zip(per_round, res.get("rounds", [{}] * len(per_round)),
+                                                       strict=True)]
                 if row.baseline:
                     base_row = row
                 if base_row is not None and base_row.latency and row.latency:
-                    row.speedup = base_row.latency.p50 / row.latency.p50
+                    base_rounds = samples[(backend, bs, base_row.label)]
+                    n = min(len(base_rounds), len(per_round))
+                    if row is base_row:  # exactly 1 (independent resamples of one list would blur it)
+                        row.spread = SpeedupSpread(1.0, (1.0, 1.0), (1.0,) * n, ((1.0, 1.0),) * n,
+                                                   True if n >= 2 else None)
+                    else:
+                        row.spread = speedup_spread(base_rounds[:n], per_round[:n])
+                    row.speedup = row.spread.ratio
                     row.efficiency = row.speedup / row.flops_ratio
+                    for d, ratio in zip(row.rounds, row.spread.rounds, strict=False):
+                        d["speedup"] = ratio
                 rows.append(row)
     return rows
 
@@ -476,6 +605,17 @@ def _caveats(rows: list[BenchRow], loads: tuple[Optional[float], Optional[float]
     if noisy:
         notes.append(f"{len(noisy)} row(s) with a latency spread (p90-p10)/p50 over {NOISY_SPREAD:.0%}: "
                      "treat their speedup with care, or run again with more --rounds")
+    for r in rows:
+        if r.spread is not None and r.spread.stable is False:
+            per = ", ".join(f"{v:.2f}x" for v in r.spread.rounds)
+            lo, hi = r.spread.ci
+            notes.append(f"{r.backend} batch {r.batch} {r.label}: speedup unstable, {r.spread.why} (per "
+                         f"round {per}; 95 % interval {lo:.2f}-{hi:.2f}); not a result: run again with more "
+                         "--rounds, --threads 1 or on a quieter machine")
+    unwarm = sum(1 for r in rows for d in r.rounds if (d.get("warmup") or {}).get("settled") is False)
+    if unwarm:
+        notes.append(f"{unwarm} process(es) stopped warming up at the --warmup-max-s bound before their "
+                     "latency settled")
     return notes
 
 
@@ -488,17 +628,20 @@ def run_bench(
     backends: Sequence[str] = ("torch",),
     batches: Sequence[int] = (1,),
     *,
-    warmup: int = 5,
+    warmup: int = WARMUP_MIN_CALLS,
     iters: Optional[int] = 20,
     duration: Optional[float] = None,
     threads: Optional[int] = None,
+    warmup_s: float = WARMUP_MIN_S,
+    warmup_max_s: float = WARMUP_MAX_S,
+    prime: bool = True,
     compile: bool = False,
     random_weights: bool = False,
     weights: Optional[str | Path] = None,
     method: str = "tome",
     prop_attn: bool = True,
     formulation: Optional[str] = None,
-    rounds: int = 1,
+    rounds: int = DEFAULT_ROUNDS,
     simplify: bool = True,
     evals: Sequence[dict] = (),
     progress: Progress = None,
@@ -509,6 +652,9 @@ def run_bench(
     target: a timm model name (with `schedules`, constant r values; r=0 is always added) or one
     or more artifact directories of one model. `compile` adds the torch-compile backend beside
     torch. `progress(description, done, total)` is called before each step and once at the end.
+    Each process warms up (`bench_worker.warm_up`: at least `warmup` calls and `warmup_s` seconds,
+    until its median settles, at most `warmup_max_s`); `prime` runs the first configuration of
+    each backend once more, untimed, before round 1.
     """
     from .build import build
     from .models import preprocessing
@@ -516,7 +662,7 @@ def run_bench(
 
     load_start = _load_average()
     threads = threads or _default_threads()
-    _check_counts(warmup, iters, duration, batches, threads, rounds)
+    _check_counts(warmup, iters, duration, batches, threads, rounds, warmup_s, warmup_max_s)
     backends = check_backends(list(backends) + (["torch-compile"] if compile and "torch" in backends else []))
     model, entries = entries_for(target, schedules, method, prop_attn, formulation or "scatter")
     if formulation is not None:  # asked for: every backend runs it, artifacts' torch rows too
@@ -540,14 +686,15 @@ def run_bench(
             progress(desc, done, steps)
         done += 1
 
-    base_spec = {"input_size": input_size, "threads": threads, "warmup": warmup, "iters": iters,
-                 "duration": duration, "random_weights": random_weights,
-                 "weights": str(weights) if weights else None}
+    base_spec = {"input_size": input_size, "threads": threads, "warmup": warmup, "warmup_s": warmup_s,
+                 "warmup_max_s": warmup_max_s, "iters": iters, "duration": duration,
+                 "random_weights": random_weights, "weights": str(weights) if weights else None}
     workdir = Path(tempfile.mkdtemp(prefix="tomectl-bench-"))
     try:
         graphs = _export_all(entries, backends, batches, workdir, tick, weights=weights,
                              random_weights=random_weights, simplify=simplify, formulation=formulation)
-        samples, results = _time_all(entries, backends, batches, rounds, graphs, base_spec, workdir, tick)
+        samples, results = _time_all(entries, backends, batches, rounds, graphs, base_spec, workdir, tick,
+                                     prime=prime)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if progress is not None:
@@ -556,11 +703,13 @@ def run_bench(
     rows = _rows(entries, built, backends, batches, samples, results, threads, graphs, formulation)
     load_end = _load_average()
     config = {
-        "warmup": warmup, "iters": iters, "duration_s": duration, "threads": threads, "rounds": rounds,
+        "warmup": warmup, "warmup_s": warmup_s, "warmup_max_s": warmup_max_s, "prime": prime,
+        "iters": iters, "duration_s": duration, "threads": threads, "rounds": rounds,
         "random_weights": random_weights, "weights": first.loaded.weights.to_dict(), "backends": backends,
         "batches": batches, "input_size": input_size, "simplify_onnx": simplify,
     }
-    notes = ["each configuration timed in its own process; speedup uses median (p50) latencies",
+    notes = ["each configuration timed in its own process; speedup uses median (p50) latencies, all rounds "
+             "pooled; (a-b): its 95 % interval (bootstrap over rounds and samples)",
              *graphs.notes, *_caveats(rows, (load_start, load_end))]
     provenance = {"versions": versions(), "machine": machine() | {"bench_threads": threads}, "date": now(),
                   "load_average": {"start": load_start, "end": load_end}}
@@ -596,10 +745,12 @@ def measure_latency(
     backend: str = "torch",
     batch: int = 1,
     *,
-    warmup: int = 3,
+    warmup: int = WARMUP_MIN_CALLS,
     iters: Optional[int] = 10,
     duration: Optional[float] = None,
     threads: Optional[int] = None,
+    warmup_s: float = WARMUP_MIN_S,
+    warmup_max_s: float = WARMUP_MAX_S,
     weights: Optional[str | Path] = None,
     random_weights: bool = True,
     isolate: bool = True,
@@ -611,19 +762,19 @@ def measure_latency(
     Random weights by default: the time does not depend on the values. `isolate=False` times in
     this process (quicker to call many times, but disturbed by whatever else ran here). The ort
     backends export the recipe first unless `onnx` names an export of it at this batch; trt
-    builds an engine first.
+    builds an engine first. The warm-up is bench's (`bench_worker.warm_up`, same defaults).
     """
     from .build import build
     from .models import preprocessing
 
     threads = threads or _default_threads()
-    _check_counts(warmup, iters, duration, [batch], threads, 1)
+    _check_counts(warmup, iters, duration, [batch], threads, 1, warmup_s, warmup_max_s)
     check_backends([backend])
     built = build(recipe, weights=weights, random_weights=random_weights)
     spec = {"backend": backend, "batch": batch, "input_size": list(preprocessing(built.model)["input_size"]),
-            "threads": threads, "warmup": warmup, "iters": iters, "duration": duration,
-            "recipe": recipe.to_dict(), "random_weights": random_weights,
-            "weights": str(weights) if weights else None}
+            "threads": threads, "warmup": warmup, "warmup_s": warmup_s, "warmup_max_s": warmup_max_s,
+            "iters": iters, "duration": duration, "recipe": recipe.to_dict(),
+            "random_weights": random_weights, "weights": str(weights) if weights else None}
     workdir = Path(tempfile.mkdtemp(prefix="tomectl-lat-"))
     try:
         kw = dict(weights=weights, random_weights=random_weights, precision=precision)

@@ -2,9 +2,10 @@
 
     python -m tomectl.bench_worker SPEC.json OUT.json
 
-SPEC: {backend, batch, input_size, threads, warmup, iters | duration, and per backend: recipe,
-weights, random_weights (torch*), onnx (ort*), engine (trt)}. OUT: {samples_ms, peak_mem_mb,
-mem_kind, threads} or {error}. A fresh process per configuration keeps onnxruntime's spinning
+SPEC: {backend, batch, input_size, threads, warmup (calls at least), warmup_s (seconds at least;
+0 when absent), warmup_max_s, iters | duration, and per backend: recipe, weights, random_weights
+(torch*), onnx (ort*), engine (trt)}. OUT: {samples_ms, peak_mem_mb, mem_kind, threads, warmup
+{calls, s, settled}} or {error}. A fresh process per configuration keeps onnxruntime's spinning
 thread pool, torch's OpenMP pool, allocator state and compiled graphs of one configuration from
 disturbing the next. The parent side is `tomectl.bench.run_isolated`.
 """
@@ -14,7 +15,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -45,21 +47,86 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def time_loop(fn: Callable[[], None], warmup: int, iters: Optional[int], duration: Optional[float],
-              sync: Callable[[], None]) -> list[float]:
-    """Warm-up calls, then one latency sample (ms) per call: `iters` calls, or for `duration` seconds."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    samples: list[float] = []
-    start = time.perf_counter()
+# Warm-up defaults shared by `tomectl bench`, `bench.measure_latency` (calibrate) and the latency
+# model's probes. Per-call traces of fresh DeiT-T batch-1 processes (torch and onnxruntime, 1 thread,
+# the shared 2-core machine): the first 5 calls ran 1.2-2.2x the process's later median, calls 5-25
+# (the old fixed warm-up of 5, then 20 timed) were still up to 22 % high; after this warm-up (10-40
+# calls, 0.5-1 s) within 6 %.
+WARMUP_MIN_CALLS = 5
+WARMUP_MIN_S = 0.5
+WARMUP_MAX_S = 5.0
+SETTLE_WINDOW = 5  # calls per window of the running median
+SETTLE_TOL = 0.05  # the last window's median within 5 % of the window before it
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """What a warm-up did: calls made, seconds spent, whether the running median settled."""
+
+    calls: int
+    seconds: float
+    settled: bool
+
+    def to_dict(self) -> dict:
+        return {"calls": self.calls, "s": round(self.seconds, 3), "settled": self.settled}
+
+
+def settled(times_ms: Sequence[float], window: int = SETTLE_WINDOW, tol: float = SETTLE_TOL) -> bool:
+    """Whether the median of the last `window` call times is within `tol` (relative) of the median of
+    the `window` before them."""
+    if window < 1 or len(times_ms) < 2 * window:
+        return False
+    last = sorted(times_ms[-window:])[window // 2]
+    prev = sorted(times_ms[-2 * window:-window])[window // 2]
+    return abs(last - prev) <= tol * prev
+
+
+def warm_up(fn: Callable[[], None], sync: Callable[[], None] = lambda: None, min_s: float = WARMUP_MIN_S,
+            min_calls: int = WARMUP_MIN_CALLS, max_s: float = WARMUP_MAX_S, *, window: int = SETTLE_WINDOW,
+            tol: float = SETTLE_TOL, clock: Callable[[], float] = time.perf_counter) -> WarmUp:
+    """Untimed calls of `fn` until at least `min_calls` calls and `min_s` seconds have run and the
+    running median has settled (`settled`), or `max_s` seconds have passed (never fewer than
+    `min_calls` calls). `min_s=0` is a plain count of `min_calls` calls, with no settling asked."""
+    times: list[float] = []
+    start = clock()
+    max_s = max(max_s, min_s)
     while True:
-        t0 = time.perf_counter()
+        elapsed = clock() - start
+        if len(times) >= min_calls:
+            if min_s <= 0:
+                return WarmUp(len(times), elapsed, True)
+            ok = settled(times, window, tol)
+            if (elapsed >= min_s and ok) or elapsed >= max_s:
+                return WarmUp(len(times), elapsed, ok)
+        t0 = clock()
         fn()
         sync()
-        samples.append((time.perf_counter() - t0) * 1000.0)
+        times.append((clock() - t0) * 1000.0)
+
+
+def time_loop(fn: Callable[[], None], warmup: int, iters: Optional[int], duration: Optional[float],
+              sync: Callable[[], None], *, warmup_s: float = 0.0, warmup_max_s: float = WARMUP_MAX_S,
+              clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """A warm-up (`warm_up`: at least `warmup` calls and `warmup_s` seconds, until the median settles;
+    `warmup_s=0`: exactly `warmup` calls), then one latency sample (ms) per call: `iters` calls, or
+    for `duration` seconds (and at least 3 calls)."""
+    warm_up(fn, sync, warmup_s, warmup, warmup_max_s, clock=clock)
+    return timed_calls(fn, iters, duration, sync, clock=clock)
+
+
+def timed_calls(fn: Callable[[], None], iters: Optional[int], duration: Optional[float],
+                sync: Callable[[], None], *, clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """One latency sample (ms) per call, no warm-up: `iters` calls, or for `duration` seconds."""
+    sync()
+    samples: list[float] = []
+    start = clock()
+    while True:
+        t0 = clock()
+        fn()
+        sync()
+        samples.append((clock() - t0) * 1000.0)
         if duration is not None:
-            if time.perf_counter() - start >= duration and len(samples) >= 3:
+            if clock() - start >= duration and len(samples) >= 3:
                 return samples
         elif len(samples) >= (iters or 1):
             return samples
@@ -116,7 +183,7 @@ def _trt_fn(spec: dict):
 
 
 def run_worker(spec: dict) -> dict:
-    """Time one configuration in this process: {samples_ms, peak_mem_mb, mem_kind, threads}."""
+    """Time one configuration in this process: {samples_ms, peak_mem_mb, mem_kind, threads, warmup}."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -135,7 +202,9 @@ def run_worker(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     else:
         peak_rss_reset()
-    samples = time_loop(fn, spec["warmup"], spec.get("iters"), spec.get("duration"), sync)
+    warm = warm_up(fn, sync, spec.get("warmup_s", 0.0), spec["warmup"],
+                   spec.get("warmup_max_s", WARMUP_MAX_S))
+    samples = timed_calls(fn, spec.get("iters"), spec.get("duration"), sync)
     if backend == "trt":
         # the execution context's device memory (activations, scratch: TensorRT allocates it, torch's
         # allocator never sees it) plus the torch-held input and output buffers
@@ -145,7 +214,8 @@ def run_worker(spec: dict) -> dict:
         peak, kind = torch.cuda.max_memory_allocated() / 2**20, "cuda"
     else:
         peak, kind = peak_rss_mb(), "rss"
-    return {"samples_ms": samples, "peak_mem_mb": peak, "mem_kind": kind, "threads": spec["threads"]}
+    return {"samples_ms": samples, "peak_mem_mb": peak, "mem_kind": kind, "threads": spec["threads"],
+            "warmup": warm.to_dict()}
 
 
 def main(argv: list[str]) -> int:

@@ -89,11 +89,20 @@ def _spread(samples: list[Sample], limit: int) -> list[Sample]:
 
 
 def _scan_labels_file(root: Path, labels_file: Path, limit: Optional[int]) -> list[Sample]:
-    if not labels_file.is_file():
-        raise UserError(f"labels file {labels_file} does not exist")
+    """Every line must name an existing image and a label that is a class index (a whole number
+    >= 0; the model's upper bound is checked where the model is known) or a wnid: anything else is
+    refused with its line, so no label is silently taken as "unlabelled"."""
+    from .artifact import check_input_file
+
+    check_input_file(labels_file, "labels file", "lines of 'path label' (label: a class index or a wnid)")
+    try:
+        text = labels_file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"labels file {labels_file} is not UTF-8 text; "
+                        "expected lines of 'path label'") from None
     wnids = {w: i for i, w in enumerate(imagenet_wnids())}
-    samples = []
-    for n, line in enumerate(labels_file.read_text().splitlines(), 1):
+    samples, missing = [], []
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -107,13 +116,66 @@ def _scan_labels_file(root: Path, labels_file: Path, limit: Optional[int]) -> li
             try:
                 idx = int(label)
             except ValueError:
-                raise UserError(f"{labels_file}:{n}: label {label!r} "
-                                "is neither a class index nor a wnid") from None
+                idx = -1
+            if idx < 0:
+                raise UserError(f"{labels_file}:{n}: label {label!r} is neither a class index "
+                                "(a whole number >= 0) nor an ImageNet wnid (like n01440764)") from None
         p = Path(path)
-        samples.append(Sample(str(p if p.is_absolute() else root / p), idx))
+        full = p if p.is_absolute() else root / p
+        if not full.is_file():
+            missing.append((n, path, full))
+        samples.append(Sample(str(full), idx))
+    if missing:
+        n, path, full = missing[0]
+        more = f" ({len(missing)} of {len(samples)} lines name missing files)" if len(missing) > 1 else ""
+        rel = "" if Path(path).is_absolute() else f", relative paths are read from {root}"
+        raise UserError(f"{labels_file}:{n} names {path}, which does not exist ({full}{rel}){more}")
     if not samples:
         raise UserError(f"labels file {labels_file} lists no images")
     return _spread(samples, limit) if limit else samples
+
+
+def unlabelled_note(root: str | Path, labels_file: Optional[str | Path],
+                    samples: list[Sample]) -> Optional[str]:
+    """Why images of `root` have no labels (for eval's note), or None when every image has one."""
+    unlabelled = sum(s.label < 0 for s in samples)
+    if not unlabelled or labels_file is not None:
+        return None
+    root = Path(root)
+    wnids = set(imagenet_wnids())
+    subdirs = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    others = [d for d in subdirs if d not in wnids]
+    if others and len(others) < len(subdirs):
+        why = (f"{len(others)} of its {len(subdirs)} folders are not ImageNet wnids (e.g. {others[0]!r}), "
+               "so no folder is read as a class")
+    elif others:
+        why = f"its folders are not named by ImageNet wnids (e.g. {others[0]!r})"
+    else:
+        why = "it has no class folders"
+    return (f"no labels: {unlabelled} images of {root} are unlabelled ({why}); name the class folders "
+            "by wnid (n01440764/...) or pass --labels FILE for top-1")
+
+
+def first_decodable(samples: list[Sample]) -> Optional[int]:
+    """Index of the first sample that decodes as an image (None: none does). Cheap where the data is
+    good (it stops at the first image that decodes), so a folder of nothing but broken files is
+    refused before any model is built or any minute is spent."""
+    for i, s in enumerate(samples):
+        try:
+            with Image.open(s.path) as im:
+                im.convert("RGB")
+        except Exception:  # noqa: BLE001 - truncated, corrupt or not an image at all
+            continue
+        return i
+    return None
+
+
+def require_decodable(samples: list[Sample], root: str | Path) -> None:
+    """One UserError when none of the images decodes (named by how many and what the first is)."""
+    if first_decodable(samples) is None:
+        first = samples[0].path if samples else ""
+        raise UserError(f"none of the {len(samples)} images under {root} could be decoded "
+                        f"(e.g. {first}: truncated, corrupt or not an image)")
 
 
 def make_transform(preproc: dict, resize: str = "timm"):

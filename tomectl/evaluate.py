@@ -59,6 +59,10 @@ __all__ = ["EvalResult", "evaluate", "predict", "reduction_off", "torch_runner",
 SCHEMA_VERSION = 1
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+EXPORTED_FILES = {  # backend -> (what the file is, what was expected), for the one-line errors
+    "onnx": ("ONNX file", "an ONNX graph (as `tomectl export ART --onnx FILE` writes)"),
+    "engine": ("TensorRT engine", "a serialized TensorRT engine (as `tomectl export ART --trt FILE` writes)"),
+}
 RANDOM_REFUSAL = (
     "{what} has random weights (made with --random-weights): its accuracy means nothing; "
     "evaluate a model with real weights (--weights FILE or TOMECTL_WEIGHTS_DIR)"
@@ -189,17 +193,13 @@ def sidecar_of(path: str | Path) -> Optional[Path]:
 
 def _read_sidecar(path: Path) -> tuple[Optional[Recipe], dict, Optional[str]]:
     """(recipe or None, the sidecar document, note) for an exported file."""
-    import json
-
+    from .artifact import read_json
     from .recipe import from_dict
 
     side = sidecar_of(path)
     if side is None:
         return None, {}, f"no sidecar JSON beside {path.name}: no unreduced reference to compare with"
-    try:
-        doc = json.loads(side.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"sidecar {side} is not valid JSON: {e}") from None
+    doc = read_json(side, "sidecar", f"the JSON object written beside {path.name} by `tomectl export`")
     rec = doc.get("recipe")
     if not isinstance(rec, dict):
         return None, doc, f"sidecar {side.name} has no recipe: no unreduced reference to compare with"
@@ -331,16 +331,19 @@ def evaluate(
     if kind == "torch":
         t = _torch_target(target, name, weights, compare_to_unreduced)
     else:
-        path = Path(target)
-        if not path.is_file():
-            raise UserError(f"{path} does not exist")
+        from .artifact import check_input_file
+
+        what, expected = EXPORTED_FILES[kind]
+        path = check_input_file(target, what, expected)
         t = _exported_target(path, kind, weights, threads, compare_to_unreduced)
 
     if t.num_classes:
         bad = [s for s in samples if s.label >= t.num_classes]
         if bad:
+            src = f" (labels file {labels_file})" if labels_file else ""
             raise UserError(
-                f"label {bad[0].label} of {bad[0].path} is outside the model's {t.num_classes} classes"
+                f"label {bad[0].label} of {bad[0].path}{src} is outside the model's {t.num_classes} classes "
+                f"(class indices 0..{t.num_classes - 1}); {len(bad)} of {len(samples)} labels are outside it"
             )
 
     loader = data_mod.loader(samples, t.preproc, resize=resize, batch_size=batch_size, workers=workers)
@@ -357,6 +360,7 @@ def evaluate(
         top5 = topk_accuracy(out[lab], y[lab], min(5, out.shape[-1]))
 
     rec, built = t.recipe, t.built
+    unlabelled = data_mod.unlabelled_note(data, labels_file, samples)
     return EvalResult(
         target=t.name,
         backend=t.backend,
@@ -370,6 +374,6 @@ def evaluate(
         schedule=rec.schedule.describe() if rec else None,
         removed_per_layer=list(built.removed) if built else None,
         gmacs=built.macs().gmacs if built else None, gmacs_base=built.base_macs().gmacs if built else None,
-        note=t.note, precision=t.precision, seconds=seconds,
+        note="; ".join(n for n in (t.note, unlabelled) if n) or None, precision=t.precision, seconds=seconds,
         provenance={"versions": versions(), "machine": machine(), "date": now()},
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import re
 import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,23 +62,66 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _reducible(arch: str) -> bool:
+    """Whether tomectl reduces timm model `arch`: its family is one the ViT adapter takes and the
+    adapter accepts the model's parts (built on the meta device: no memory, no weights)."""
+    from timm.models._registry import model_entrypoint
+
+    if model_entrypoint(arch).__module__ not in VIT_MODULES:
+        return False
+    import timm
+
+    from .adapters.vit import check_supported
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(arch, pretrained=False)
+        check_supported(model)
+    except Exception:  # noqa: BLE001 - refused by the adapter, or not buildable here
+        return False
+    return True
+
+
+def suggest(arch: str, by_spelling: bool, n: int = 3) -> list[str]:
+    """Up to `n` timm names that tomectl accepts, for a name it refused: the ViT/DeiT names closest
+    to `arch` in spelling (`by_spelling`, for a typo), else the DeiT and ViT of the same size
+    (tiny, small, base, large; for a model of another family, whose spelling says nothing)."""
+    import timm
+    from timm.models._registry import model_entrypoint
+
+    if by_spelling:
+        vits = [m for m in timm.list_models() if model_entrypoint(m).__module__ in VIT_MODULES]
+        cands = difflib.get_close_matches(arch, vits, n=4 * n, cutoff=0.6)
+    else:
+        size = next((w for w in ("tiny", "small", "base", "large") if w in arch), "small")
+        cands = [f"deit_{size}_patch16_224", f"vit_{size}_patch16_224"]
+    out: list[str] = []
+    for cand in cands:
+        if len(out) == n:
+            break
+        if cand not in out and timm.is_model(cand) and _reducible(cand):
+            out.append(cand)
+    return out
+
+
 def check_name(name: str) -> str:
-    """Validate a timm model name for the ViT adapter; return its family. One-line errors."""
+    """Validate a timm model name for the ViT adapter; return its family. One-line errors whose
+    suggestions are names tomectl accepts."""
     import timm
     from timm.models import split_model_name_tag
     from timm.models._registry import model_entrypoint
 
     arch, _tag = split_model_name_tag(name)
     if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; `timm.list_models('*vit*')` lists them"
+        close = suggest(arch, by_spelling=True)
+        hint = (f"; did you mean {', '.join(close)}?" if close else
+                "; tomectl takes timm ViT and DeiT names such as deit_small_patch16_224")
         raise UserError(f"unknown model {name!r}{hint}")
     module = model_entrypoint(arch).__module__
     if module not in VIT_MODULES:
         family = module.rsplit(".", 1)[-1]
-        close = difflib.get_close_matches(arch, [m for m in timm.list_models() if "vit" in m or "deit" in m],
-                                          n=3)
-        hint = f" (close ViTs: {', '.join(close)})" if close else ""
+        close = suggest(arch, by_spelling=False)
+        hint = f"; of its size, tomectl takes {' and '.join(close)}" if close else ""
         raise UserError(
             f"{name} is a timm '{family}' model, not a ViT tomectl can reduce; supported families: "
             f"DeiT, DeiT-III, ViT (AugReg, MAE, DINOv2, register tokens){hint}"
@@ -85,21 +129,91 @@ def check_name(name: str) -> str:
     return VIT_MODULES[module]
 
 
-def _read_state_dict(path: Path) -> dict:
-    from timm.models import load_state_dict  # handles .safetensors/.pth and nested 'model' keys
+WEIGHTS_EXPECTED = ("a .safetensors file or a PyTorch state dict (.pth/.pt/.bin, "
+                    "as torch.save(model.state_dict(), FILE) writes)")
 
-    try:
-        return load_state_dict(str(path), use_ema=False)
-    except Exception as e:  # a corrupt or foreign file
-        raise UserError(f"cannot read weights from {path}: {str(e).splitlines()[0]}") from None
+
+def _weights_format(path: Path) -> str:
+    """What the file's first bytes say it is: "safetensors", "torch" (zip or legacy pickle),
+    "text" or "unknown"."""
+    from .artifact import text_start
+
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip, or its legacy pickle
+        return "torch"
+    return "text" if text_start(path) is not None else "unknown"
+
+
+def _torch_load_problem(path: Path, e: Exception) -> str:
+    """What a failed torch.load(weights_only=True) means, for a person."""
+    msg = str(e)
+    if "weights_only" in msg or "Unsupported global" in msg:
+        found = re.search(r"Unsupported globals?: (?:GLOBAL )?([\w.]*\w)", msg)
+        what = f" ({found.group(1)})" if found else ""
+        return (f"it is a pickled checkpoint that holds Python objects besides tensors{what}, which tomectl "
+                "does not unpickle; save model.state_dict() (torch.save or safetensors) and pass that")
+    if "zip" in msg.lower() or "archive" in msg.lower() or "PytorchStreamReader" in msg:
+        return "it is a zip archive but not a complete PyTorch checkpoint (truncated or another kind of zip)"
+    return f"it cannot be read as a PyTorch checkpoint (truncated or corrupt: {msg.splitlines()[0][:100]})"
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """The tensors of a weights file (.safetensors, or a PyTorch checkpoint read with
+    weights_only=True; a nested ``state_dict`` / ``model`` entry and DDP's ``module.`` prefix are
+    unwrapped, as timm does). Every way the file can be wrong is one UserError that says what the
+    file is and what was expected."""
+    from .artifact import check_input_file, text_start
+
+    path = check_input_file(path, "weights file", WEIGHTS_EXPECTED)
+
+    def refuse(why: str) -> UserError:
+        return UserError(f"cannot read weights from {path}: {why}; expected {WEIGHTS_EXPECTED}")
+
+    kind = _weights_format(path)
+    if kind == "text":
+        raise refuse(f"it is a text file (it starts with {text_start(path)!r})")
+    if kind == "unknown":
+        raise refuse("it is neither a safetensors file nor a PyTorch checkpoint")
+    if kind == "safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - a truncated or corrupt file
+            raise refuse(f"it starts like a safetensors file but cannot be read "
+                         f"(truncated or corrupt: {str(e).splitlines()[0][:100]})") from None
+    else:
+        try:
+            with open(path, "rb") as f:  # a file object: torch.load would go by the name's suffix
+                obj = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a truncated, foreign or object-holding file
+            raise UserError(f"cannot read weights from {path}: {_torch_load_problem(path, e)}") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict):
+        raise refuse(f"it holds a {type(obj).__name__}, not a state dict (parameter names -> tensors)")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        keys = ", ".join(map(str, list(obj)[:3])) or "nothing"
+        raise refuse(f"it holds a dict without tensors (keys: {keys}), not a state dict")
+    if len(tensors) < len(obj):
+        other = next(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
+        raise refuse(f"its entry {other!r} is not a tensor ({type(obj[other]).__name__}); "
+                     "a state dict maps parameter names to tensors")
+    return {(k[7:] if k.startswith("module.") else k): v for k, v in tensors.items()}
 
 
 def load_weights_strict(model: nn.Module, path: str | Path) -> None:
     """Load a state dict into `model`; any mismatch is a UserError naming the keys."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"weights file {path} does not exist")
-    sd = _read_state_dict(path)
+    sd = read_state_dict(path)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -108,6 +222,14 @@ def load_weights_strict(model: nn.Module, path: str | Path) -> None:
     def few(keys):
         return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
 
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+    if len(missing) + len(shapes) >= len(own) / 2:  # not a variant of this model: another one's weights
+        fit = len(own) - len(missing) - len(shapes)
+        raise UserError(
+            f"weights {path.name} are another model's, not {name}'s: {fit} of its {len(own)} tensors are "
+            f"in the file with the right shape (the file holds {len(sd)}, e.g. {few(list(sd)[:2])}); "
+            f"pass weights saved from {name}"
+        )
     problems = []
     if missing:
         problems.append(f"missing {few(missing)}")

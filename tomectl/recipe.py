@@ -98,7 +98,9 @@ def check_formulation(value: Any, where: str = "options.formulation") -> str:
 
 def from_dict(d: Any, where: str = "recipe") -> Recipe:
     if not isinstance(d, dict):
-        raise UserError(f"{where} must be a YAML mapping with keys {', '.join(TOP_KEYS)}")
+        kind = ("a list" if isinstance(d, list) else "nothing" if d is None
+                else f"the {type(d).__name__} {d!r:.40}")
+        raise UserError(f"{where} must be a YAML mapping with keys {', '.join(TOP_KEYS)}; it holds {kind}")
     unknown = [k for k in d if k not in TOP_KEYS + RESOLVED_KEYS]
     if unknown:
         raise UserError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(TOP_KEYS)}")
@@ -186,14 +188,47 @@ def _precision(value: Any, where: str) -> Optional[dict]:
     return None if opts.precision == "fp32" else opts.key()
 
 
+EXPECTED = "a YAML mapping like `model: deit_small_patch16_224` / `schedule: {r: 13}` (UTF-8 text)"
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line for a YAML error: what is wrong and where (line and column, 1-based)."""
+    problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+    hint = " (YAML indents with spaces, never tabs)" if "'\\t'" in str(problem) else ""
+    return f"{problem}{where}{hint}"
+
+
+def read_yaml(path: str | Path, what: str = "recipe") -> Any:
+    """The YAML document in `path`; every way the file can be wrong is one UserError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory; expected a file with {EXPECTED}")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start} is {raw[e.start]:#04x}); "
+                        f"expected {EXPECTED}") from None
+    if "\x00" in text:
+        raise UserError(f"{what} {path} is a binary file, not YAML; expected {EXPECTED}")
+    if not text.strip():
+        raise UserError(f"{what} {path} is empty; expected {EXPECTED}")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {path} is not valid YAML: {_yaml_problem(e)}") from None
+
+
 def load(path: str | Path) -> Recipe:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe {path} does not exist")
-    try:
-        d = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    d = read_yaml(path)
     recipe = from_dict(d, where=str(path))
     if recipe.learned and not Path(recipe.learned["path"]).is_absolute():
         learned = {**recipe.learned, "path": str((path.parent / recipe.learned["path"]).resolve())}

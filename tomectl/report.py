@@ -32,6 +32,20 @@ TABLE_COLUMNS = ("backend", "batch", "schedule", "GMACs", "params (M)", "mean ms
                  "p95 ms", "p99 ms", "img/s", "peak MB", "speedup", "efficiency")
 
 
+def speedup_cell(r: dict) -> str:
+    """A row's speedup as the tables show it: "1.39x (1.35-1.43)" with its 95 % interval; "~1.4x ?"
+    where its rounds disagree beyond their spread (`speedup_stable` false): not a result."""
+    s = r.get("speedup")
+    if s is None:
+        return "-"
+    if r.get("speedup_stable") is False:
+        return f"~{s:.1f}x ?"
+    ci = r.get("speedup_ci")
+    if r.get("baseline") or not ci:
+        return f"{s:.2f}x"
+    return f"{s:.2f}x ({ci[0]:.2f}-{ci[1]:.2f})"
+
+
 def table_rows(doc: dict) -> list[list[str]]:
     """The report's rows as strings, in TABLE_COLUMNS order (shared by the markdown and the CLI)."""
     out = []
@@ -47,10 +61,17 @@ def table_rows(doc: dict) -> list[list[str]]:
             r["backend"], str(r["batch"]), r["label"], _f(r["gmacs"], ".3f"), _f(r["params"] / 1e6, ".2f"),
             _f(lat.get("mean"), ".2f"), _f(lat.get("p50"), ".2f"), _f(lat.get("p90"), ".2f"),
             _f(lat.get("p95"), ".2f"), _f(lat.get("p99"), ".2f"), _f(r.get("img_per_s"), ".1f"),
-            _f(r.get("peak_mem_mb"), ".0f"), _f(r.get("speedup"), ".2f") + ("x" if r.get("speedup") else ""),
-            _f(r.get("efficiency"), ".2f"),
+            _f(r.get("peak_mem_mb"), ".0f"), speedup_cell(r),
+            ("~" if r.get("speedup_stable") is False else "") + _f(r.get("efficiency"), ".2f"),
         ])
     return out
+
+
+def _warmup(cfg: dict) -> str:
+    if not cfg.get("warmup_s"):
+        return f"{cfg.get('warmup')} calls"
+    return (f">= {cfg.get('warmup')} calls and >= {cfg['warmup_s']} s until the median settles "
+            f"(<= {cfg.get('warmup_max_s')} s)")
 
 
 def markdown(doc: dict) -> str:
@@ -64,14 +85,17 @@ def markdown(doc: dict) -> str:
         f"- machine: {mach.get('cpu')} ({mach.get('cpu_count')} logical CPUs)"
         + (f", GPU {mach['gpu']}" if mach.get("gpu") else ""),
         f"- load average (1 min) at start / end: {load.get('start')} / {load.get('end')}",
-        f"- threads: {cfg['threads']}; warm-up {cfg['warmup']}, then {runs} per process; "
-        f"{cfg.get('rounds', 1)} round(s)",
+        f"- threads: {cfg['threads']}; warm-up {_warmup(cfg)}, then {runs} per process; "
+        f"{cfg.get('rounds', 1)} round(s) round-robin"
+        + ("; the first configuration of each backend run once untimed first" if cfg.get("prime") else ""),
         f"- weights: {(cfg.get('weights') or {}).get('source', '?')}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in ver.items()),
         "",
         "Latencies are per batch. Speedup: the unreduced (r=0) row's median latency over this row's, same "
-        "backend and batch, same run. Efficiency: speedup / (GMACs of r=0 / GMACs of this row); 1.0 "
-        "means every multiply-accumulate saved became time saved.",
+        "backend and batch, same run, all rounds pooled; in brackets its 95 % interval (bootstrap over "
+        "rounds, then samples); \"~1.4x ?\": unstable, not a result (the per-round ratios disagree beyond "
+        "their spread, or the interval spans more than a factor 2; see the notes). Efficiency: speedup / "
+        "(GMACs of r=0 / GMACs of this row); 1.0 means every multiply-accumulate saved became time saved.",
         "",
         "| " + " | ".join(TABLE_COLUMNS) + " |",
         "|" + "|".join("---" if i < 3 else "---:" for i in range(len(TABLE_COLUMNS))) + "|",

@@ -46,7 +46,37 @@ def ort_session(path: str | Path, threads: Optional[int] = None, backend: str = 
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=ORT_PROVIDERS[backend])
+    path = _check_onnx_file(path)
+    try:
+        return ort.InferenceSession(str(path), so, providers=ORT_PROVIDERS[backend])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own classes for a bad graph
+        if type(e).__name__ not in ONNX_LOAD_ERRORS:
+            raise
+        text = str(e).replace("[ONNXRuntimeError] : ", "").strip()
+        first = (text.splitlines() or [type(e).__name__])[0]
+        if type(e).__name__ == "InvalidProtobuf":
+            first = "it is not an ONNX protobuf (truncated, or another kind of file)"
+        raise UserError(f"ONNX file {path} cannot be loaded by onnxruntime: {first[:200]}; "
+                        f"expected {ONNX_EXPECTED}") from None
+
+
+#: onnxruntime's exception classes that mean "this file is not a graph it can load"
+ONNX_LOAD_ERRORS = ("InvalidProtobuf", "InvalidGraph", "InvalidArgument", "NoModel", "NoSuchFile", "Fail",
+                    "NotImplemented")
+ONNX_EXPECTED = "an ONNX graph (as `tomectl export ART --onnx FILE` writes)"
+
+
+def _check_onnx_file(path: str | Path) -> Path:
+    """The file, if it can be an ONNX graph at all: one UserError for a missing, empty, directory or
+    text file (an ONNX file is a binary protobuf)."""
+    from .artifact import check_input_file, text_start
+
+    path = check_input_file(path, "ONNX file", ONNX_EXPECTED)
+    start = text_start(path)
+    if start is not None:
+        raise UserError(f"ONNX file {path} is a text file (it starts with {start!r}), not a binary "
+                        f"ONNX graph; expected {ONNX_EXPECTED}")
+    return path
 
 
 def chunks(images: torch.Tensor, batch: int) -> Iterator[tuple[torch.Tensor, int]]:

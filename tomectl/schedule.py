@@ -146,28 +146,56 @@ def _capacity_at(capacity, layers: Optional[Sequence[int]]):
     return lambda i, n, p: capacity(n, p) if acting is None or i in acting else 0
 
 
+def _first_overflow(removed: Sequence[int], n_tokens: int, protected: int, capacity,
+                    layers: Optional[Sequence[int]] = None):
+    """(layer, asked, most possible, tokens entering) of the first layer that removes more than it
+    can, or None."""
+    cap_at = _capacity_at(capacity, layers)
+    n = n_tokens
+    for i, r in enumerate(removed):
+        cap = cap_at(i, n, protected)
+        if r > cap:
+            return i, r, cap, n
+        n -= r
+    return None
+
+
 def validate(removed: Sequence[int], n_tokens: int, protected: int, capacity,
-             layers: Optional[Sequence[int]] = None) -> None:
+             layers: Optional[Sequence[int]] = None, fix: str = "lower r there or earlier") -> None:
     """Raise a UserError naming the first layer that removes more tokens than it can.
 
     capacity: (n_tokens, protected) -> most tokens removable at a layer (the method's rule).
     layers:   the only blocks where the method removes tokens (None: all).
+    fix:      what to change, in the user's terms (the end of the message).
     """
-    cap_at = _capacity_at(capacity, layers)
-    n = n_tokens
-    for i, r in enumerate(removed):
-        if r > 0 and layers is not None and i not in layers:
-            raise UserError(
-                f"layer {i} would remove {r} tokens but this method removes tokens only at layers "
-                f"{', '.join(map(str, layers))}"
-            )
-        cap = cap_at(i, n, protected)
-        if r > cap:
-            raise UserError(
-                f"layer {i} would remove {r} tokens but only {cap} can go there "
-                f"({n} tokens enter it, {protected} protected); lower r there or earlier"
-            )
-        n -= r
+    if layers is not None:
+        for i, r in enumerate(removed):
+            if r > 0 and i not in layers:
+                raise UserError(
+                    f"layer {i} would remove {r} tokens but this method removes tokens only at layers "
+                    f"{', '.join(map(str, layers))}"
+                )
+    bad = _first_overflow(removed, n_tokens, protected, capacity, layers)
+    if bad is not None:
+        i, r, cap, n = bad
+        raise UserError(
+            f"layer {i} would remove {r} tokens but only {cap} can go there "
+            f"({n} tokens enter it, {protected} protected); {fix}"
+        )
+
+
+def _lowest_keep(n_layers: int, n_tokens: int, protected: int, capacity,
+                 layers: Optional[Sequence[int]]) -> Optional[float]:
+    """The smallest `keep` whose evenly spread removals every layer can take (None: not even 1)."""
+    n_free = n_tokens - protected
+    for removed_total in range(n_free, -1, -1):
+        keep = (n_free - removed_total) / n_free if n_free else 1.0
+        if keep <= 0:
+            continue
+        counts = layer_counts(Schedule(keep=keep), n_layers, n_tokens, protected, layers)
+        if _first_overflow(counts, n_tokens, protected, capacity, layers) is None:
+            return keep
+    return None
 
 
 def clamp(removed: Sequence[int], n_tokens: int, protected: int, capacity,
@@ -191,5 +219,26 @@ def resolve(schedule: Schedule, n_layers: int, n_tokens: int, protected: int, ca
     removed = layer_counts(schedule, n_layers, n_tokens, protected, layers)
     if schedule.r is not None:
         return clamp(removed, n_tokens, protected, capacity, layers)
-    validate(removed, n_tokens, protected, capacity, layers)
+    if schedule.keep is not None:
+        bad = _first_overflow(removed, n_tokens, protected, capacity, layers)
+        if bad is not None:
+            i, r, cap, n = bad
+            lowest = _lowest_keep(n_layers, n_tokens, protected, capacity, layers)
+            advice = (f"the lowest keep this model and method can reach is {_ceil_fraction(lowest)}"
+                      if lowest is not None else "this method cannot reach it")
+            raise UserError(
+                f"keep {schedule.keep:g} asks to remove {sum(removed)} of {n_tokens - protected} tokens, "
+                f"spread evenly over the layers: layer {i} would remove {r} but only {cap} can go there "
+                f"({n} tokens enter it); {advice}: raise keep"
+            )
+        return removed
+    validate(removed, n_tokens, protected, capacity, layers,
+             fix="lower per_layer there or earlier")
     return removed
+
+
+def _ceil_fraction(x: float) -> str:
+    """`x` to 3 decimals, rounded up (so that the advised value is itself accepted)."""
+    import math
+
+    return f"{math.ceil(x * 1000 - 1e-9) / 1000:g}"

@@ -8,12 +8,12 @@ from typing import Optional
 import typer
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .. import bench as lib
 from .. import report as report_mod
-from ..errors import UserError
+from ..outputs import check_writable
 from . import common
 
 
@@ -55,10 +55,22 @@ def bench(
     backend: str = typer.Option("torch", "--backend", help=f"Comma-separated: {', '.join(lib.BACKENDS)}."),
     batch: str = typer.Option("1", "--batch", help="Batch sizes, comma-separated."),
     compile_: bool = typer.Option(False, "--compile", help="Also time torch.compile."),
-    warmup: int = typer.Option(5, "--warmup", help="Untimed iterations first."),
+    warmup: int = typer.Option(
+        lib.WARMUP_MIN_CALLS, "--warmup",
+        help="Untimed calls first, at least (then until --warmup-s have passed and the median settles)."),
+    warmup_s: float = typer.Option(
+        lib.WARMUP_MIN_S, "--warmup-s",
+        help="Warm up for at least this many seconds, until the running median settles (0: exactly --warmup "
+        "calls)."),
+    warmup_max_s: float = typer.Option(lib.WARMUP_MAX_S, "--warmup-max-s",
+                                       help="Stop warming up after this many seconds, settled or not."),
+    prime: bool = typer.Option(True, "--prime/--no-prime",
+                               help="Run the first configuration of each backend once, untimed, first."),
     iters: int = typer.Option(20, "--iters", help="Timed iterations per process."),
     duration: Optional[float] = typer.Option(None, "--duration", help="Seconds to time instead of --iters."),
-    rounds: int = typer.Option(1, "--rounds", help="Run everything round-robin this many times (pooled)."),
+    rounds: int = typer.Option(
+        lib.DEFAULT_ROUNDS, "--rounds",
+        help="Run everything round-robin this many times (pooled; each speedup's rounds give its spread)."),
     precision: str = typer.Option(
         "fp32", "--precision",
         help="Comma-separated fp32,fp16,int8: graphs (ort) and engines (trt) in each; a row per precision, "
@@ -84,18 +96,19 @@ def bench(
     batches = common.parse_int_list(batch, "--batch") or []
     backends = [b.strip() for b in backend.split(",") if b.strip()]
     evals = [lib.load_eval(p) for p in eval_]
-    if report is not None and report.exists() and not report.is_dir():
-        raise UserError(f"--report {report} is a file; give a directory")
+    if report is not None:
+        check_writable(report, "dir", what="--report", inside=True)
     cols = (TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("{task.description}"))
-    with Progress(*cols, console=common.console, transient=True, disable=json_) as bar:
+    with common.progress(*cols, disable=json_) as bar:
         task = bar.add_task("starting", total=None)
 
         def progress(desc: str, done: int, total: int) -> None:
             bar.update(task, description=desc, completed=done, total=total)
 
         rep = lib.run_bench(target, rs, backends, batches, warmup=warmup, iters=None if duration else iters,
-                            duration=duration, threads=threads, compile=compile_,
+                            duration=duration, threads=threads, warmup_s=warmup_s,
+                            warmup_max_s=warmup_max_s, prime=prime, compile=compile_,
                             random_weights=random_weights, weights=weights, method=method,
                             prop_attn=prop_attn, formulation=formulation, rounds=rounds, evals=evals,
                             progress=progress, precisions=[p.strip() for p in precision.split(",") if p])

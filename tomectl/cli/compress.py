@@ -9,6 +9,8 @@ import typer
 from rich.table import Table
 
 from .. import compress as lib
+from ..artifact import RECIPE
+from ..outputs import check_writable
 from . import common
 
 
@@ -50,6 +52,7 @@ def compress(
 ) -> None:
     """Apply a reduction schedule to a model and write an artifact directory (recipe.yaml, summary.json)."""
     rec = common.resolve_target(model, recipe, method, r, inflect, per_layer, keep, prop_attn, formulation)
+    check_writable(out, "dir", force=force, what="--out", marker=RECIPE)
     with common.console.status(f"compressing {rec.model}..."):
         rep = lib.compress(rec, out, weights=weights, random_weights=random_weights, force=force)
     if json_:

@@ -9,7 +9,6 @@ import typer
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -19,6 +18,7 @@ from rich.table import Table
 from .. import evaluate as lib
 from ..artifact import atomic_file, write_json
 from ..errors import UserError
+from ..outputs import check_writable
 from . import common
 
 
@@ -89,9 +89,11 @@ def eval_(
     else:
         tgt = common.resolve_target(target, recipe, method, r, inflect, per_layer, keep, prop_attn,
                                     formulation)
+    if out is not None:
+        check_writable(out, "file", what="--out")
     cols = (TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
             TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*cols, console=common.console, transient=True, disable=json_) as bar:
+    with common.progress(*cols, disable=json_) as bar:
         task = bar.add_task("eval", total=None)
 
         def progress(done: int, total: int) -> None:

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from ..outputs import check_writable
 from . import common
 
 
@@ -136,6 +137,12 @@ def export(
     rec = common.resolve_target(
         target, recipe, method, r, inflect, per_layer, keep, prop_attn, formulation or "scatter"
     )
+    for flag, path in (("--onnx", onnx_out), ("--trt", trt_out)):
+        if path is not None:  # the file and its JSON sidecar, before the minutes of export
+            check_writable(path, "file", force=force, what=flag)
+            check_writable(path.with_name(path.name + ".json"), "file", force=force, what=f"{flag} sidecar")
+    if trt_out is not None and timing_cache is not None:
+        check_writable(timing_cache, "file", what="--timing-cache")
     with common.console.status("exporting...") as status:
         rep = lib.export(
             rec,

@@ -18,6 +18,8 @@ from rich.table import Table
 
 from .. import data
 from .. import train as lib
+from ..artifact import RECIPE, is_artifact
+from ..outputs import check_writable
 from . import common
 
 
@@ -44,6 +46,8 @@ def _render(res: lib.TrainResult) -> None:
         f"{res.seconds:.0f} s; {res.gmacs:.3f} of {res.gmacs_base:.3f} GMACs "
         f"({res.gmacs / res.gmacs_base:.1%})"
     )
+    for note in res.notes:
+        common.out.print(f"note: {note}", highlight=False, soft_wrap=True)
     common.out.print(f"wrote {res.out} (recipe.yaml, learned.safetensors, summary.json, train.json)")
 
 
@@ -116,6 +120,12 @@ def train(
     from ..errors import UserError
 
     rec = common.resolve_target(model, recipe, method, r, inflect, per_layer, keep, prop_attn, formulation)
+    check_writable(out, "dir", force=bool(force or resume), what="--out", marker=RECIPE)
+    check_writable(lib.checkpoint_path(out), "file", what="checkpoint")
+    if recipe is None and not common.schedule_given(r, inflect, per_layer, keep) and not is_artifact(model):
+        rec, note = lib.default_schedule(rec)  # the learned method's own default, said out loud
+        if note:
+            common.console.print(f"note: {note}", highlight=False, soft_wrap=True)
     if val_resize not in data.RESIZE_MODES:
         raise UserError(f"--val-resize must be one of {', '.join(data.RESIZE_MODES)}, got {val_resize!r}")
     config = lib.TrainConfig(
@@ -124,15 +134,14 @@ def train(
         ce_weight=ce_weight, augment=augment, finetune=finetune, limit=limit, workers=workers, seed=seed,
         val=str(val) if val else None, val_limit=val_limit, val_resize=val_resize,
     )
-    with Progress(*COLUMNS, console=common.console, transient=True, disable=json_) as bar:
+    with common.progress(*COLUMNS, disable=json_) as bar:
         try:
             res = lib.train(rec, images, out, config, weights=weights, random_weights=random_weights,
                             resume=resume, force=force, progress=_reporter(bar, epochs))
         except lib.TrainingInterrupted as e:
             bar.stop()
-            common.error(f"interrupted; resumable checkpoint saved to {e.checkpoint} "
-                         "(continue with --resume)")
-            raise typer.Exit(130) from None
+            raise common.Interrupted(f"interrupted; resumable checkpoint saved to {e.checkpoint} "
+                                     "(continue with --resume)") from None
     if res.out is None:  # not the main process of a distributed run
         return
     if json_:

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from .. import visualize as lib
+from ..outputs import check_writable
 from . import common
 
 
@@ -32,6 +33,7 @@ def visualize(
 ) -> None:
     """Draw each final token's patch group over the image (outlines) and as mean colours."""
     rec = common.resolve_target(model, recipe, method, r, inflect, per_layer, keep, prop_attn, formulation)
+    check_writable(out, "file", what="--out")
     with common.console.status(f"running {rec.model} ({rec.method}) on {image}..."):
         res = lib.visualize(rec, image, out, weights=weights, random_weights=random_weights, resize=resize)
     if json_:

@@ -35,6 +35,7 @@ from .onnx import parity as parity_of
 from .trt_graph import (
     MIN_AGREEMENT,
     BuildPlan,
+    availability,
     decision_nodes,
     parse_problems,
     plan_build,
@@ -216,20 +217,67 @@ def engine_device_memory(engine) -> int:
     return int(engine.device_memory_size)
 
 
+ENGINE_EXPECTED = "a serialized TensorRT engine (as `tomectl export ART --trt FILE` writes)"
+
+
+def check_engine_file(path: str | Path, sniff: bool = True) -> Path:
+    """The engine file, if it can be one at all: one UserError for a missing, empty or directory
+    path, and (`sniff`) for a text or ONNX file, which need no TensorRT to be told apart."""
+    from ..artifact import check_input_file
+
+    path = check_input_file(path, "TensorRT engine", ENGINE_EXPECTED)
+    if sniff:
+        _refuse_non_engine(path)
+    return path
+
+
+def _refuse_non_engine(path: Path, why: str = "") -> None:
+    from ..artifact import text_start
+
+    start = text_start(path)
+    if start is not None:
+        raise UserError(f"TensorRT engine {path} is a text file (it starts with {start!r}), "
+                        f"not an engine{why}; expected {ENGINE_EXPECTED}")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if b"pytorch" in head or b"onnx" in head.lower():
+        raise UserError(f"TensorRT engine {path} is an ONNX graph, not an engine{why}: evaluate it under "
+                        "a .onnx name, or build an engine with `tomectl export ART --trt FILE`")
+
+
+def require_tensorrt_to_run(path: Path):
+    """The tensorrt module for running the engine `path`. Without it: one UserError about the file
+    where it is plainly no engine, else naming what this machine lacks to run it."""
+    try:
+        return require_tensorrt()
+    except UserError:
+        if path.exists():
+            check_engine_file(path)
+        _, missing = availability()
+        if not missing:
+            raise
+        raise UserError(f"running the TensorRT engine {path} needs {' and '.join(missing)}; "
+                        f"this machine lacks {'it' if len(missing) == 1 else 'them'} "
+                        "(an .onnx export of the same artifact runs anywhere)") from None
+
+
 class TrtRunner:
     """Run a static-shape engine: ``TrtRunner(path)(batch)`` -> logits (numpy in, numpy out;
     torch in, torch out on the input's device). Buffers are torch CUDA tensors."""
 
     def __init__(self, engine_path: str | Path):
-        trt = require_tensorrt()
-        self._trt = trt
         path = Path(engine_path)
-        if not path.is_file():
-            raise UserError(f"engine {path} does not exist")
+        trt = require_tensorrt_to_run(path)
+        check_engine_file(path, sniff=False)
+        self._trt = trt
         _init_plugins(trt, _logger(trt))  # before deserializing: plugin layers need their creators
         self.runtime = trt.Runtime(_logger(trt))
-        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        try:
+            self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        except Exception:  # noqa: BLE001 - some releases raise instead of returning None
+            self.engine = None
         if self.engine is None:
+            _refuse_non_engine(path, f" TensorRT {trt.__version__} can load")
             raise UserError(
                 f"{path} is not an engine TensorRT {trt.__version__} on {gpu_name()} can load "
                 "(engines are tied to the TensorRT version and GPU that built them)"

@@ -29,7 +29,8 @@ checkpoints, the artifact through the writer `compress` uses; `train` runs one).
 from .config import AUGMENTS, EpochLog, TrainConfig, TrainResult
 from .dist import Dist, epoch_indices, init_distributed
 from .loss import distillation_loss
-from .trainer import Trainer, TrainingInterrupted, checkpoint_path, train
+from .trainer import Trainer, TrainingInterrupted, checkpoint_path, default_schedule, train
 
 __all__ = ["AUGMENTS", "Dist", "EpochLog", "TrainConfig", "TrainResult", "Trainer", "TrainingInterrupted",
-           "checkpoint_path", "distillation_loss", "epoch_indices", "init_distributed", "train"]
+           "checkpoint_path", "default_schedule", "distillation_loss", "epoch_indices", "init_distributed",
+           "train"]

@@ -84,6 +84,8 @@ class TrainResult:
     checkpoint: Optional[str] = None
     val_reference: Optional[dict] = None
     val_initial: Optional[dict] = None  # agreement / KL on the val images before training
+    skipped_images: int = 0  # training images that could not be decoded (skipped in every epoch)
+    notes: list[str] = field(default_factory=list)  # what the user should know (skipped images, defaults)
 
     def to_dict(self) -> dict:
         d = asdict(self)

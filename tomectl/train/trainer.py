@@ -97,6 +97,43 @@ def _set_modes(model, finetune: bool, training: bool) -> None:
             modules.train(training)
 
 
+#: PatchMerger's setting in its paper (Renggli et al. 2022): one merger halfway through the blocks,
+#: turning the tokens into 8 (ViT-B/16: after block 6 of 12)
+PATCHMERGER_TOKENS_OUT = 8
+SCHEDULE_FLAGS = "--r N (tokens merged per block), --keep F or --per-layer LIST"
+
+
+def default_schedule(recipe: Recipe) -> tuple[Recipe, Optional[str]]:
+    """`recipe` with its learned method's default schedule, for a `train` given no schedule, and a
+    sentence saying what it is (None: not a learned method; `recipe` unchanged). PatchMerger has one
+    in its paper (one merger at the method's block, by default the middle one, keeping
+    PATCHMERGER_TOKENS_OUT tokens); DTEM's and LTM's papers fix no single reduction, so they are
+    refused with the flags to pass."""
+    import timm
+
+    from ..adapters.vit import num_layers, num_tokens, protected_tokens
+    from ..schedule import Schedule
+
+    method = get_method(recipe.method, recipe.method_options)
+    if not method.learned:  # refused or fine-tuned as it is (`_check_request`)
+        return recipe, None
+    if recipe.method != "patchmerger":
+        raise UserError(f"method {recipe.method!r} needs a schedule, and its paper fixes no single default: "
+                        f"pass {SCHEDULE_FLAGS} (e.g. --r 13, ToMe's setting for ViT-S)")
+    with torch.device("meta"):  # only the geometry: no memory, no weights
+        model = timm.create_model(recipe.model, pretrained=False)
+    n_layers, protected = num_layers(model), protected_tokens(model)
+    n_free = num_tokens(model) - protected
+    layers = method.layers(n_layers) or (n_layers // 2,)
+    keep = min(PATCHMERGER_TOKENS_OUT, n_free)
+    per_layer = [0] * n_layers
+    per_layer[layers[0]] = n_free - keep
+    schedule = Schedule.make(per_layer=per_layer, where="patchmerger's default schedule")
+    note = (f"no schedule given: PatchMerger's default (Renggli et al. 2022), one merger at block "
+            f"{layers[0]} of {n_layers} turning {n_free} tokens into {keep}; pass {SCHEDULE_FLAGS} to choose")
+    return replace(recipe, schedule=schedule), note
+
+
 def _check_request(recipe: Recipe, out: Optional[str | Path], config: TrainConfig, resume: bool,
                    force: bool) -> Path:
     """What can be refused before any model is built; the checkpoint path."""
@@ -138,6 +175,7 @@ class Trainer:
         self.hooks: list = []
 
     def run(self) -> TrainResult:
+        self._scan_images()
         self._setup_model()
         self._setup_data()
         self._setup_optimizer()
@@ -174,14 +212,27 @@ class Trainer:
         self.params = _trainable(self.built, self.config.finetune)
         if not self.params:
             raise UserError("nothing to train: the schedule removes no tokens at any block "
-                            "with learned parameters")
+                            f"with learned parameters; pass {SCHEDULE_FLAGS}")
+
+    def _scan_images(self) -> None:
+        """The training (and --val) images, before any model is built: a folder where no image
+        decodes is refused here, not trained on."""
+        from .. import data
+
+        cfg = self.config
+        self.samples = data.scan(self.images, limit=cfg.limit)
+        data.require_decodable(self.samples, self.images)
+        self.val_samples = None
+        if cfg.val:
+            self.val_samples = data.scan(cfg.val, limit=cfg.val_limit)
+            data.require_decodable(self.val_samples, cfg.val)
+        self.skipped: set[int] = set()  # this process's undecodable images (sample indices)
 
     def _setup_data(self) -> None:
         from .. import data
         from ..models import preprocessing
 
         cfg, d = self.config, self.d
-        self.samples = data.scan(self.images, limit=cfg.limit)
         self.labelled = all(s.label >= 0 for s in self.samples)
         self.preproc = preprocessing(self.model)
         self.dataset = data.ImageDataset(self.samples, _train_transform(self.preproc, cfg.augment))
@@ -231,8 +282,7 @@ class Trainer:
         from ..reduced import reduction_off
 
         cfg = self.config
-        val_samples = data.scan(cfg.val, limit=cfg.val_limit)
-        self.val_loader = data.loader(val_samples, self.preproc, cfg.val_resize, batch_size=64,
+        self.val_loader = data.loader(self.val_samples, self.preproc, cfg.val_resize, batch_size=64,
                                       workers=cfg.workers)
         self.model.eval()
         if self.teacher is not None:
@@ -361,6 +411,7 @@ class Trainer:
         step = skip
         self.position = (epoch, step)
         for batch in loader:
+            self.skipped.update(batch.skipped)
             x = batch.images.to(d.device)
             if not _every_rank_has(d, len(x)):  # an empty batch here or on another process
                 step += 1
@@ -413,12 +464,26 @@ class Trainer:
 
     # --- the end --------------------------------------------------------------------------------
 
+    def _note_skipped(self) -> None:
+        """How many training images could not be decoded (all processes; those of the epochs this
+        run went through), as the result's `skipped_images` and a note."""
+        n = len(self.skipped)
+        if self.d.world > 1:
+            n = int(round(_all_mean(self.d, [float(n)])[0] * self.d.world))
+        self.result.skipped_images = n
+        if n:
+            first = self.samples[min(self.skipped)].path if self.skipped else ""
+            eg = f" (e.g. {first})" if first else ""
+            self.result.notes.append(f"{n} of {len(self.samples)} training images could not be decoded "
+                                     f"and were skipped{eg}")
+
     def _finish(self) -> TrainResult:
         result = self.result
         result.seconds = time.perf_counter() - self.t_start
         _set_modes(self.model, self.config.finetune, False)
         macs, base = self.built.macs(), self.built.base_macs()
         result.gmacs, result.gmacs_base = macs.gmacs, base.gmacs
+        self._note_skipped()
         if self.d.main:
             _write_artifact(self.built, self.recipe, self.out, result, self.config,
                             force=self.force or self.resume)
