@@ -130,7 +130,7 @@ def test_trt_precision_reaches_the_latency_measurement(monkeypatch):
     from tomectl.recipe import Recipe
     from tomectl.schedule import Schedule
 
-    with pytest.raises(UserError, match="--precision must be fp32, fp16, int8"):
+    with pytest.raises(UserError, match="--precision must be one or more of fp32, fp16, int8"):
         cal.Budget.parse(latency_ms=5.0, backend="trt", precision="bf16")
     with pytest.raises(UserError, match="--precision int8 applies to latency budgets on --backend trt, ort"):
         cal.Budget.parse(latency_ms=5.0, backend="torch", precision="int8")

@@ -356,6 +356,31 @@ def entries_for(target: str | Sequence[str], schedules: Optional[Sequence[int]] 
     return model, [base, *entries, *extra]
 
 
+def tome_twins(target: str | Sequence[str], entries: list[Entry]) -> list[Entry]:
+    """The constant-r ToMe twin of each calibrated artifact in `target` (from its calibration.json),
+    as entries labelled "NAME ToMe twin"; a one-line UserError for an artifact that has none."""
+    from .artifact import is_artifact, read_json
+    from .schedule import Schedule
+
+    targets = [str(target)] if isinstance(target, (str, Path)) else [str(t) for t in target]
+    arts = [t for t in targets if is_artifact(t)]
+    if not arts:
+        raise UserError("--compare-tome compares calibrated artifacts with their ToMe twin: give the "
+                        "directories `tomectl calibrate --latency-ms/--speedup` wrote")
+    out = []
+    for t in arts:
+        path = Path(t) / "calibration.json"
+        twin = read_json(path, "calibration report").get("tome_twin") if path.is_file() else None
+        if not isinstance(twin, dict) or not isinstance(twin.get("removed"), list):
+            raise UserError(f"{t} has no ToMe twin in calibration.json (it was not calibrated on a latency "
+                            "budget by this version); --compare-tome needs one")
+        base = next(e for e in entries if e.label == (Path(t).name or t))
+        rec = dataclasses.replace(base.recipe, method="tome", method_options={}, precision=None,
+                                  schedule=Schedule(per_layer=tuple(twin["removed"])))
+        out.append(Entry(f"{Path(t).name or t} ToMe twin", rec))
+    return out
+
+
 def _default_threads() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
@@ -646,8 +671,12 @@ def run_bench(
     evals: Sequence[dict] = (),
     progress: Progress = None,
     precisions: Sequence[str] = ("fp32",),
+    compare_tome: bool = False,
 ) -> BenchReport:
     """Time every (backend, batch, schedule) in its own process; see the module docstring.
+
+    `compare_tome`: beside each calibrated artifact, its constant-r ToMe twin (the schedule
+    `tomectl calibrate` found at the same latency budget), so the table shows what the search bought.
 
     target: a timm model name (with `schedules`, constant r values; r=0 is always added) or one
     or more artifact directories of one model. `compile` adds the torch-compile backend beside
@@ -665,6 +694,8 @@ def run_bench(
     _check_counts(warmup, iters, duration, batches, threads, rounds, warmup_s, warmup_max_s)
     backends = check_backends(list(backends) + (["torch-compile"] if compile and "torch" in backends else []))
     model, entries = entries_for(target, schedules, method, prop_attn, formulation or "scatter")
+    if compare_tome:
+        entries = entries + tome_twins(target, entries)
     if formulation is not None:  # asked for: every backend runs it, artifacts' torch rows too
         entries = [Entry(e.label, dataclasses.replace(e.recipe, formulation=formulation)) for e in entries]
     entries = _with_precisions(entries, precisions, backends)
@@ -799,3 +830,42 @@ def measure_latency(
         what = f"{recipe.model} {recipe.schedule.describe()} on {backend}"
         raise UserError(f"could not time {what}: {res['error']}")
     return dataclasses.replace(LatencyStats.of(res["samples_ms"]), graph_sha256=sha)
+
+
+def measure_side_by_side(configs: Sequence[tuple[Recipe, Optional[str | Path]]], backend: str = "torch",
+                         batch: int = 1, *, threads: Optional[int] = None, rounds: int = 5,
+                         duration: float = 0.4, weights: Optional[str | Path] = None,
+                         random_weights: bool = True) -> list[LatencyStats]:
+    """Latency of several configurations (recipe, its ONNX graph for the ort backends) timed in one
+    fresh process, round-robin `rounds` times (for calibration's finalists beside the unreduced
+    model: their ratio is what a speedup budget judges). Stats in the order given, each with the
+    sha256 of its graph."""
+    from .build import build
+    from .models import preprocessing, sha256_of
+
+    threads = threads or _default_threads()
+    check_backends([backend])
+    if not configs:
+        return []
+    built = build(configs[0][0], weights=weights, random_weights=random_weights)
+    spec = {"backend": backend, "batch": batch, "input_size": list(preprocessing(built.model)["input_size"]),
+            "threads": threads, "warmup": WARMUP_MIN_CALLS, "warmup_s": WARMUP_MIN_S / 2,
+            "warmup_max_s": WARMUP_MAX_S, "iters": None, "duration": duration, "rounds": rounds,
+            "random_weights": random_weights, "weights": str(weights) if weights else None,
+            "configs": []}
+    for recipe, onnx in configs:
+        c = {"recipe": recipe.to_dict()}
+        if backend.startswith("ort"):
+            if onnx is None:
+                raise ValueError("the ort backends time a given ONNX graph")
+            c["onnx"] = str(onnx)
+        spec["configs"].append(c)
+    workdir = Path(tempfile.mkdtemp(prefix="tomectl-lat-"))
+    try:
+        res = run_isolated(spec, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if "error" in res:
+        raise UserError(f"could not time {configs[0][0].model} on {backend}: {res['error']}")
+    return [dataclasses.replace(LatencyStats.of(s), graph_sha256=None if onnx is None else sha256_of(onnx))
+            for s, (_, onnx) in zip(res["samples_ms"], configs, strict=True)]

@@ -218,6 +218,41 @@ def run_worker(spec: dict) -> dict:
             "warmup": warm.to_dict()}
 
 
+def run_side_by_side(spec: dict) -> dict:
+    """Time several configurations in this one process, round-robin (`spec["configs"]`, each a
+    spec as for `run_worker`; `spec["rounds"]`): {samples_ms: [per config], rounds: [[per round
+    p50 per config]]}. Drift of the machine then hits every configuration alike, so their ratios
+    hold even where absolute times move."""
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    fns = []
+    for c in spec["configs"]:
+        c = dict(spec, **c)
+        if c["backend"].startswith("torch"):
+            fn, sync, _ = _torch_fn(c)
+        elif c["backend"].startswith("ort"):
+            fn, sync, _ = _ort_fn(c)
+        else:
+            raise UserError(f"side-by-side timing runs torch and onnxruntime backends, not {c['backend']}")
+        fn()
+        sync()
+        fns.append((fn, sync))
+    samples: list[list[float]] = [[] for _ in fns]
+    per_round = []
+    for _ in range(spec.get("rounds", 5)):
+        row = []
+        for k, (fn, sync) in enumerate(fns):
+            got = time_loop(fn, spec["warmup"], spec.get("iters"), spec.get("duration"), sync,
+                            warmup_s=spec.get("warmup_s", 0.0), warmup_max_s=spec.get("warmup_max_s", 5.0))
+            samples[k] += got
+            row.append(statistics.median(got))
+        per_round.append(row)
+    return {"samples_ms": samples, "rounds": per_round, "threads": spec["threads"]}
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m tomectl.bench_worker SPEC.json OUT.json (internal; use `tomectl bench`)",
@@ -226,7 +261,7 @@ def main(argv: list[str]) -> int:
     spec_path, out_path = argv
     spec = json.loads(Path(spec_path).read_text())
     try:
-        result = run_worker(spec)
+        result = run_side_by_side(spec) if "configs" in spec else run_worker(spec)
     except UserError as e:
         result = {"error": str(e)}
     except Exception as e:  # reported in the row; the bench goes on with the other configurations

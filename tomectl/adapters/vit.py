@@ -209,6 +209,17 @@ def _block_forward(blk, taps: tuple[_KeyTap, _KeyTap], x, state: TokenState, amo
     return x, state
 
 
+def run_block(model, index: int, x: torch.Tensor, state: TokenState, amount: int, method=None,
+              layer: Optional[int] = None) -> torch.Tensor:
+    """Block `index` of an installed model on tokens `x` alone, removing `amount` with `method` (the
+    installed one by default) as if it were block `layer`: what the latency model times."""
+    plan: ReductionPlan = model.tomectl_plan
+    y, _ = _block_forward(model.blocks[index], model._tomectl_taps[index], x, state, amount,
+                          method or model._tomectl_method, plan, index if layer is None else layer,
+                          len(model.blocks))
+    return y
+
+
 def class_attention(attn, queries: torch.Tensor, keys: torch.Tensor,
                     bias: Optional[torch.Tensor]) -> torch.Tensor:
     """The class token's (position 0) attention row, averaged over heads: [B, N].

@@ -25,14 +25,15 @@ class Budget:
     backend: str = "torch"
     batch: int = 1
     precision: str = "fp32"  # of the graph or engine timed (torch backends run fp32)
+    precisions: tuple = ()  # latency budgets: every precision searched (the chosen one's is recorded)
 
     @property
     def is_latency(self) -> bool:
         return self.kind in ("latency_ms", "speedup")
 
     def describe(self) -> str:
-        where = f"batch {self.batch} on {self.backend}" + (
-            f" {self.precision}" if self.precision != "fp32" else "")
+        shown = ",".join(self.precisions) if len(self.precisions) > 1 else self.precision
+        where = f"batch {self.batch} on {self.backend}" + (f" {shown}" if shown != "fp32" else "")
         return {
             "flops": f"{self.value:g} of the unreduced GMACs",
             "gmacs": f"{self.value:g} GMACs",
@@ -43,8 +44,12 @@ class Budget:
     @staticmethod
     def parse(flops=None, gmacs=None, latency_ms=None, speedup=None, backend: str = "torch",
               batch: int = 1, precision: str = "fp32") -> "Budget":
-        if precision not in PRECISIONS:
-            raise UserError(f"--precision must be {', '.join(PRECISIONS)}, got {precision!r}")
+        asked = [p.strip() for p in str(precision).split(",") if p.strip()]
+        bad = [p for p in asked if p not in PRECISIONS] or ([] if asked else [precision])
+        if bad:
+            raise UserError(f"--precision must be one or more of {', '.join(PRECISIONS)} (comma-separated), "
+                            f"got {bad[0]!r}")
+        asked = list(dict.fromkeys(asked))
         given = {k: v for k, v in (("flops", flops), ("gmacs", gmacs), ("latency_ms", latency_ms),
                                    ("speedup", speedup)) if v is not None}
         if len(given) != 1:
@@ -65,11 +70,13 @@ class Budget:
             raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise UserError(f"--batch must be a whole number >= 1, got {batch!r}")
-        if precision != "fp32" and not (backend in _PRECISION_BACKENDS[precision]
-                                        and kind in ("latency_ms", "speedup")):
-            raise UserError(f"--precision {precision} applies to latency budgets on --backend "
-                            f"{', '.join(_PRECISION_BACKENDS[precision])}; the other backends run fp32")
-        return Budget(kind, value, backend, batch, precision)
+        for p in asked:
+            if p != "fp32" and not (backend in _PRECISION_BACKENDS[p] and kind in ("latency_ms", "speedup")):
+                raise UserError(f"--precision {p} applies to latency budgets on --backend "
+                                f"{', '.join(_PRECISION_BACKENDS[p])}; the other backends run fp32")
+        if len(asked) > 1 and backend == "trt":
+            raise UserError("--backend trt calibrates one precision at a time (give one --precision)")
+        return Budget(kind, value, backend, batch, asked[0], tuple(asked))
 
 
 def _check_flops_feasible(space: "Space", target: float, budget: Budget) -> None:

@@ -35,6 +35,8 @@ class CalibrationResult:
     base_latency_ms: Optional[float] = None
     notes: list[str] = field(default_factory=list)
     out: Optional[str] = None
+    latency_model: Optional[dict] = None  # what priced the search (latency budgets): key, cache, spread
+    model_errors: list[dict] = field(default_factory=list)  # predicted vs measured, per measurement
 
     @property
     def gmacs_budget(self) -> Optional[float]:
@@ -59,6 +61,9 @@ class CalibrationResult:
             "seconds": round(self.seconds, 2),
             "notes": self.notes,
             "out": self.out,
+            "latency_model": self.latency_model,
+            "model_errors": self.model_errors,
+            "tome_twin": next((c.to_dict() for c in self.candidates if c.tome_twin), None),
         }
 
 
@@ -78,6 +83,11 @@ class _Run:
     notes: list[str] = field(default_factory=list)
     base_latency: Optional[float] = None
     n_measured: int = 0
+    weights_path: Optional[str] = None
+    cache_dir: Optional[str] = None
+    refresh: bool = False
+    latency_model: Optional[dict] = None
+    model_errors: list = field(default_factory=list)
 
     def flops(self) -> tuple[list[Candidate], Candidate]:
         budget, space = self.budget, self.space
@@ -86,6 +96,38 @@ class _Run:
         cands = search_flops(space, self.scorer, target, search_evals=self.search_evals, seed=self.seed,
                              progress=self.progress)
         return cands, min(cands, key=Candidate.rank_key)
+
+    def priced(self) -> tuple[list[Candidate], Candidate]:
+        """The search priced by the target's latency model (`calibrate.latency`)."""
+        from ..latency_model import latency_model
+        from .latency import GraphJudge, search_priced
+
+        b = self.budget
+        models, info = {}, {}
+        asked = list(b.precisions or (b.precision,))
+        for p in dict.fromkeys(["fp32", *asked]):
+            lm, cached = latency_model(self.model_name, b.backend, precision=p, batch=b.batch,
+                                       threads=self.threads, methods=list(self.space.methods),
+                                       cache_dir=self.cache_dir, refresh=self.refresh, progress=self.progress)
+            models[p] = lm
+            info[p] = {"key": lm.key, "cached": cached, "probe_spread": round(lm.spread, 4),
+                       "seconds": round(lm.seconds, 1), "whole_ms": round(lm.whole, 4)}
+            if not cached:
+                self.notes.append(f"measured the latency model of {b.backend} {p} batch {b.batch} "
+                                  f"({lm.seconds:.0f} s; cached for the next run)")
+        self.latency_model = info
+        reference = models["fp32"]
+        models = {p: models[p] for p in asked}
+        judge = GraphJudge(self.model_name, b, self.weights, self.threads, self.weights_path)
+        try:
+            res = search_priced(self.space, self.scorer, models, b, judge, search_evals=self.search_evals,
+                                seed=self.seed, progress=self.progress, reference=reference)
+        finally:
+            judge.close()
+        self.base_latency, self.n_measured = res.base_ms, res.n_measured
+        self.notes += res.notes
+        self.model_errors = res.model_errors
+        return res.candidates, res.chosen
 
     def latency(self) -> tuple[list[Candidate], Candidate]:
         """Constant r by measurement; with a scorer, the best-scoring schedule at the GMACs found
@@ -157,6 +199,8 @@ def calibrate(
     seed: int = 0,
     threads: Optional[int] = None,
     progress: Optional[ProgressFn] = None,
+    cache_dir: Optional[str | Path] = None,
+    refresh_latency_model: bool = False,
 ) -> CalibrationResult:
     """Find the schedule that meets `budget` with the least accuracy loss (see the package docstring)."""
     from .. import models
@@ -174,14 +218,23 @@ def calibrate(
     elif not budget.is_latency:
         raise UserError("a FLOPs budget is calibrated on images: pass --images DIR (unlabelled is fine)")
     run = _Run(model_name, budget, space, scorer, search_evals, seed, threads, progress,
-               loaded.weights.to_dict())
-    cands, chosen = run.latency() if budget.is_latency else run.flops()
+               loaded.weights.to_dict(), weights_path=None if weights is None else str(weights),
+               cache_dir=None if cache_dir is None else str(cache_dir), refresh=refresh_latency_model)
+    from ..latency_model import MODEL_BACKENDS
+
+    if not budget.is_latency:
+        cands, chosen = run.flops()
+    elif budget.backend in MODEL_BACKENDS:
+        cands, chosen = run.priced()
+    else:  # TensorRT engines: no latency model; constant r bracketed by measuring engines
+        cands, chosen = run.latency()
     chosen.chosen = True
     return CalibrationResult(
         model=model_name, budget=budget, base_gmacs=space.base_gmacs, candidates=cands, chosen=chosen,
         n_images=0 if scorer is None else len(scorer.images), images=str(images) if images else None,
         seconds=time.perf_counter() - t0, latency_measurements=run.n_measured,
-        base_latency_ms=run.base_latency, notes=run.notes,
+        base_latency_ms=run.base_latency, notes=run.notes, latency_model=run.latency_model,
+        model_errors=run.model_errors,
     )
 
 
@@ -193,9 +246,10 @@ def chosen_recipe(result: CalibrationResult, weights=None, random_weights: bool 
     elif weights is not None:
         w = {"source": "file", "path": str(Path(weights).resolve())}
     precision = None  # the graph precision the schedule was measured in: export writes it by default
-    if result.budget.is_latency and result.budget.precision != "fp32" and result.budget.backend != "trt":
+    chosen_precision = getattr(result.chosen, "precision", None) or result.budget.precision
+    if result.budget.is_latency and chosen_precision != "fp32" and result.budget.backend != "trt":
         from ..export.precision import PrecisionOptions
 
-        precision = PrecisionOptions(result.budget.precision).key()
+        precision = PrecisionOptions(chosen_precision).key()
     return Recipe(model=result.model, schedule=Schedule(per_layer=result.chosen.removed),
                   method=result.chosen.method, weights=w, precision=precision)

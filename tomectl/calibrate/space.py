@@ -30,6 +30,11 @@ class Candidate:
     graph_sha256: Optional[str] = None  # the graph (or engine) whose latency was measured (ort, trt)
     n_scored: int = 0  # images it was scored on (screening uses a subset)
     chosen: bool = False
+    precision: str = "fp32"  # of the graph (latency budgets on ort: fp32 or int8)
+    predicted_ms: Optional[float] = None  # the latency model's price (latency budgets)
+    tome_twin: bool = False  # constant-r ToMe at the same budget (the baseline the search is against)
+    scored_on: Optional[str] = None  # "int8 graph": scored on its own graph rather than in PyTorch
+    measured_speedup: Optional[float] = None  # over the unreduced model timed beside it
 
     @property
     def scored(self) -> bool:
@@ -139,6 +144,10 @@ def families(space: Space, method: str) -> list[tuple[str, Callable[[int], tuple
         for inflect in (-1.0, -0.5, 0.5):
             out.append((f"ramp {inflect:+g}", shaped(lambda r, i=inflect: Schedule(r=r, inflect=i))))
     if len(acting) == n and n >= 8:
+        # at a quarter, half and three quarters of the depth only (EViT's placement): the merge
+        # step's own time is paid three times, not n times
+        thirds = [i for i in (round(n * f) for f in (0.25, 0.5, 0.75)) if i in acting]
+        out.append(("thirds", lambda r, at=thirds: space.clamp(method, _spread(r * len(at), at, n))))
         for skip in (1, 2, 4):
             late = [i for i in acting if i >= skip]
             out.append((f"late {skip}",

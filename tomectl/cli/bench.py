@@ -85,6 +85,9 @@ def bench(
     random_weights: bool = common.RandomWeights,
     report: Optional[Path] = typer.Option(None, "--report", help="Write report.json/.md/.png here."),
     eval_: list[Path] = typer.Option([], "--eval", help="`tomectl eval --out` JSON(s): accuracy vs GMACs."),
+    compare_tome: bool = typer.Option(False, "--compare-tome",
+                                      help="Beside each calibrated artifact, its constant-r ToMe twin at the "
+                                      "same latency budget (from calibration.json)."),
     json_: bool = common.Json,
 ) -> None:
     """Time a model at several schedules, backends and batch sizes, each in its own process."""
@@ -111,7 +114,8 @@ def bench(
                             warmup_max_s=warmup_max_s, prime=prime, compile=compile_,
                             random_weights=random_weights, weights=weights, method=method,
                             prop_attn=prop_attn, formulation=formulation, rounds=rounds, evals=evals,
-                            progress=progress, precisions=[p.strip() for p in precision.split(",") if p])
+                            progress=progress, precisions=[p.strip() for p in precision.split(",") if p],
+                            compare_tome=compare_tome)
     doc = rep.to_dict()
     written = report_mod.write(doc, report) if report is not None else None
     if json_:

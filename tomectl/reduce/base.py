@@ -169,6 +169,11 @@ class ReductionMethod:
         """Most tokens this method can remove at one layer that receives `n_tokens`."""
         raise NotImplementedError
 
+    def cost_regime(self, layer: int, n_layers: int) -> str:
+        """Which kind of decision this method computes at `layer` (a name): blocks of one regime cost
+        the same at the same (tokens, removed). The latency model times each regime apart."""
+        return "all"
+
     def overhead_macs(self, spec: LayerSpec) -> int:
         """Multiply-accumulates of the decision itself (matching, the class-attention row), per image,
         at a block of shapes `spec` removing `spec.amount` tokens."""

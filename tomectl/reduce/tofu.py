@@ -67,6 +67,9 @@ class ToFu(ToMe):
         t = self.options["transition"]
         return n_layers // 2 + 1 if t is None else t
 
+    def cost_regime(self, layer: int, n_layers: int) -> str:
+        return "prune" if layer < self.transition(n_layers) else "merge"
+
     def decide(self, amount: int, signals: Signals) -> Optional[Decision]:
         if signals.layer < 0 or signals.n_layers <= 0:
             raise ValueError("ToFu needs the block index and depth (Signals.layer, n_layers)")

@@ -1,0 +1,310 @@
+"""The latency model's arithmetic on a synthetic backend, its cache, and the latency-budget search's
+budget check (issue #14). No timing here: a synthetic worker returns the parts' costs of a known
+formula, so every prediction can be checked exactly."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from tomectl import latency_model as L
+from tomectl.calibrate.budget import Budget
+from tomectl.calibrate.latency import MAX_LATENCY_MEASUREMENTS, search_priced
+from tomectl.calibrate.space import Candidate, training_free_methods
+from tomectl.errors import UserError
+from tomectl.reduce import get_method
+
+N, P, LAYERS = 197, 1, 12
+FIXED, CALL = 0.7, 0.02
+
+
+def attn(n):
+    return 0.006 * n + 0.1
+
+
+def mlp(n):
+    return 0.006 * n + 0.05
+
+
+def merge(method, regime, n, r):
+    """The decision + merge's own cost: linear in n and in r / capacity (so interpolation is exact)."""
+    cap = get_method(method).capacity(n, P)
+    k = {"tome": 1.0, "tofu": 1.1 if regime == "merge" else 0.9, "evit": 0.5, "bat": 1.6}[method]
+    return k * (0.002 * n + 0.05 * r / cap + 0.03)
+
+
+def synthetic_worker(spec):
+    """What `measure_worker` returns, for costs of the formula above (plus the call overhead)."""
+    methods = {m: get_method(m) for m in spec["methods"]}
+    probes, caps, regimes = L.plan_probes(N, P, LAYERS, methods)
+    reduce = {}
+    for pr in probes:
+        if pr.kind == "reduce":
+            ms = attn(pr.n) + mlp(pr.n - pr.r) + merge(pr.method, pr.regime, pr.n, pr.r)
+            reduce.setdefault(pr.method, {}).setdefault(pr.regime, {})[(pr.n, pr.r)] = ms
+    grid = L.token_grid(N, P)
+    whole = 1.1 * (FIXED + LAYERS * (attn(N) + mlp(N)))  # the whole graph: 10 % off the parts' sum
+    model = L.LatencyModel(key=spec["key"], n_tokens=N, protected=P, n_layers=LAYERS, fixed=FIXED, call=CALL,
+                           whole=whole, block={n: attn(n) + mlp(n) for n in grid},
+                           mlp={n: mlp(n) for n in grid},
+                           reduce=reduce, capacity=caps, regimes=regimes, spread=0.01)
+    spec.setdefault("calls", []).append(1)
+    return model.to_dict()
+
+
+def formula(method, removed):
+    m = get_method(method)
+    n, total = N, FIXED
+    for i, r in enumerate(removed):
+        regime = m.cost_regime(i, LAYERS)
+        total += attn(n) + mlp(n - r) + (merge(method, regime, n, r) if r else 0.0)
+        n -= r
+    return total
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    lm, cached = L.latency_model("deit_tiny_patch16_224", "ort", threads=1,
+                                 cache_dir=tmp_path_factory.mktemp("cache"), worker=synthetic_worker)
+    assert not cached
+    return lm
+
+
+@pytest.mark.parametrize("method,removed", [
+    ("tome", [13] * 11 + [0]),
+    ("tome", [30, 20, 10, 5, 0, 0, 8, 8, 8, 0, 0, 0]),
+    ("tofu", [10] * 12),
+    ("tofu", [0, 0, 0, 0, 0, 0, 0, 40, 20, 10, 5, 0]),
+    ("evit", [0, 0, 0, 70, 0, 0, 50, 0, 0, 30, 0, 0]),
+    ("bat", [0, 0, 0, 118, 0, 0, 40, 0, 0, 9, 0, 0]),
+    ("bat", [0] * 12),
+])
+def test_prediction_is_the_sum_of_the_parts(table, method, removed):
+    # the parts are linear where the grid interpolates, so the sum must come out exactly
+    assert table.predict_raw(method, removed) == pytest.approx(formula(method, removed), rel=1e-9)
+    # anchored: scaled by whole / predicted unreduced, for every schedule alike
+    scale = table.whole / formula(method, [0] * LAYERS)
+    assert table.predict(method, removed) == pytest.approx(formula(method, removed) * scale, rel=1e-9)
+
+
+def test_prediction_falls_with_removals_and_tofu_regimes_differ(table):
+    t = {r: table.predict("tome", [r] * 12) for r in (0, 10, 16)}
+    assert t[16] < t[10] < t[0]
+    early = [20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    late = [0] * 11 + [20]
+    # ToFu prunes early (cheaper, k 0.9) and merges late (k 1.1): measured apart
+    assert table.merge_ms("tofu", "prune", 100, 20) < table.merge_ms("tofu", "merge", 100, 20)
+    assert table.regimes["tofu"][0] == "prune" and table.regimes["tofu"][-1] == "merge"
+    assert table.predict_raw("tofu", early) == pytest.approx(formula("tofu", early), rel=1e-9)
+    assert table.predict_raw("tofu", late) == pytest.approx(formula("tofu", late), rel=1e-9)
+
+
+def test_anchored_moves_every_prediction_by_one_factor(table):
+    moved = table.anchored(table.whole * 1.3)
+    for removed in ([13] * 11 + [0], [0] * 12):
+        assert moved.predict("tome", removed) == pytest.approx(1.3 * table.predict("tome", removed))
+
+
+def test_bad_schedules_and_unknown_methods(table):
+    with pytest.raises(ValueError):
+        table.predict("tome", [1] * 5)
+    with pytest.raises(KeyError):
+        table.predict("dtem", [1] * 12)
+
+
+def test_cache_round_trip_key_and_corruption(tmp_path):
+    spec_calls = []
+
+    def worker(spec):
+        spec_calls.append(spec["threads"])
+        return synthetic_worker(spec)
+
+    a, cached = L.latency_model("deit_tiny_patch16_224", "ort", threads=1, cache_dir=tmp_path, worker=worker)
+    assert not cached and spec_calls == [1]
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and not list(tmp_path.glob(".latency-*"))  # written atomically, no leftovers
+    b, cached = L.latency_model("deit_tiny_patch16_224", "ort", threads=1, cache_dir=tmp_path, worker=worker)
+    assert cached and spec_calls == [1] and b.to_dict() == a.to_dict()
+    # another target (threads, precision, backend) is another table
+    L.latency_model("deit_tiny_patch16_224", "ort", threads=2, cache_dir=tmp_path, worker=worker)
+    L.latency_model("deit_tiny_patch16_224", "ort", threads=1, precision="int8", cache_dir=tmp_path,
+                    worker=worker)
+    L.latency_model("deit_tiny_patch16_224", "torch", threads=1, cache_dir=tmp_path, worker=worker)
+    assert spec_calls == [1, 2, 1, 1] and len(list(tmp_path.glob("*.json"))) == 4
+    # a truncated or foreign file is measured again, not trusted
+    files[0].write_text(files[0].read_text()[:100])
+    _, cached = L.latency_model("deit_tiny_patch16_224", "ort", threads=1, cache_dir=tmp_path, worker=worker)
+    assert not cached
+    files[0].write_text(json.dumps({"kind": "bench"}))
+    _, cached = L.latency_model("deit_tiny_patch16_224", "ort", threads=1, cache_dir=tmp_path, worker=worker)
+    assert not cached
+    # --refresh-latency-model measures again
+    _, cached = L.latency_model("deit_tiny_patch16_224", "ort", threads=1, cache_dir=tmp_path, worker=worker,
+                                refresh=True)
+    assert not cached
+
+
+def test_unwritable_cache_and_unmodelled_backend(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="cache"):
+        L.latency_model("deit_tiny_patch16_224", "ort", threads=1, cache_dir=blocker / "sub",
+                        worker=synthetic_worker)
+    with pytest.raises(UserError, match="latency model measures"):
+        L.latency_model("deit_tiny_patch16_224", "trt", threads=1, cache_dir=tmp_path,
+                        worker=synthetic_worker)
+
+
+def test_worker_errors_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="could not measure the latency model"):
+        L.latency_model("deit_tiny_patch16_224", "ort", threads=1, cache_dir=tmp_path,
+                        worker=lambda spec: {"error": "boom"})
+
+
+# --- the budget check of the priced search -------------------------------------------------------
+
+
+class FakeMeter:
+    """Measures a candidate as the formula times `drift` (the machine now vs when the table was
+    measured), the unreduced model included; counts whole-model measurements."""
+
+    def __init__(self, table, drift=1.0, bias=None):
+        self.table, self.drift, self.bias = table, drift, bias or {}
+        self.calls = []
+        self.whole_raw = formula("tome", [0] * LAYERS)
+
+    def __call__(self, cands):
+        self.calls.append([(c.method, c.removed) for c in cands])
+        out = []
+        for c in cands:
+            ms = formula(c.method, c.removed) * self.table.whole / self.whole_raw * self.drift
+            ms *= self.bias.get(c.method, 1.0) if any(c.removed) else 1.0
+            out.append(SimpleNamespace(p50=ms, spread=0.02, graph_sha256=None))
+        return out
+
+
+def _space():
+    from tomectl import models
+    from tomectl.calibrate.space import _space_for
+
+    loaded = models.create("deit_tiny_patch16_224", random_weights=True)
+    return _space_for(loaded.model, training_free_methods(), {}, "onehot")
+
+
+@pytest.fixture(scope="module")
+def space():
+    return _space()
+
+
+def test_chosen_meets_the_budget_measured_beside_the_unreduced_model(table, space):
+    meter = FakeMeter(table, drift=1.25)  # the machine is 25 % slower than when the table was measured
+    budget = Budget.parse(speedup=1.5, backend="ort")
+    res = search_priced(space, None, {"fp32": table}, budget, judge=None, measure=meter)
+    assert res.chosen.measured_speedup >= 1.5
+    assert res.chosen.latency_ms <= res.base_ms / 1.5
+    assert res.n_measured <= MAX_LATENCY_MEASUREMENTS
+    assert res.twin is not None and res.twin.family == "constant" and res.twin.method == "tome"
+    # the error rows compare prediction and measurement for what was measured
+    assert all(abs(e["error"]) < 0.05 for e in res.model_errors)
+
+
+def test_a_measurement_over_the_budget_prices_again(table, space):
+    # the model under-predicts ToMe by 12 %: the first finalist measures over, the search prices again
+    meter = FakeMeter(table, bias={"tome": 1.12, "tofu": 1.12, "evit": 1.12, "bat": 1.12})
+    budget = Budget.parse(speedup=1.4, backend="ort")
+    res = search_priced(space, None, {"fp32": table}, budget, judge=None, measure=meter)
+    assert res.chosen.measured_speedup >= 1.4
+    assert any("priced again" in n for n in res.notes)
+    assert res.n_measured <= MAX_LATENCY_MEASUREMENTS
+
+
+def test_infeasible_budgets_name_the_nearest_feasible_one(table, space):
+    meter = FakeMeter(table)
+    with pytest.raises(UserError, match="tighter than the strongest schedule allows.*--speedup"):
+        search_priced(space, None, {"fp32": table}, Budget.parse(speedup=50, backend="ort"), judge=None,
+                      measure=meter)
+    with pytest.raises(UserError, match="looser than the unreduced model"):
+        search_priced(space, None, {"fp32": table}, Budget.parse(speedup=0.9, backend="ort"), judge=None,
+                      measure=meter)
+    base = FakeMeter(table)([Candidate("tome", "x", tuple([0] * 12), 1.0)])[0].p50
+    with pytest.raises(UserError, match="--latency-ms"):
+        search_priced(space, None, {"fp32": table}, Budget.parse(latency_ms=base / 50, backend="ort"),
+                      judge=None, measure=meter)
+
+
+def test_never_more_than_eight_measurements(table, space):
+    # a backend the model always under-predicts by 40 %: the search gives up within the limit
+    meter = FakeMeter(table, bias={m: 1.4 for m in training_free_methods()})
+    fastest = min(table.predict(m, space.strongest(m)) for m in space.methods)
+    speedup = round(table.whole / fastest * 0.9, 2)  # feasible as predicted, not as measured
+    with pytest.raises(UserError, match="no schedule measured within the budget"):
+        search_priced(space, None, {"fp32": table}, Budget.parse(speedup=speedup, backend="ort"), judge=None,
+                      measure=meter)
+    n = sum(len(c) for c in meter.calls) - (len(meter.calls) - 1)  # the unreduced model counted once
+    assert n <= MAX_LATENCY_MEASUREMENTS
+
+
+def test_int8_unreduced_is_a_candidate(table, space):
+    from tomectl.calibrate.latency import priced_candidates
+
+    int8 = table.anchored(table.whole / 1.8)  # int8: 1.8x faster all over
+    target = table.whole / 1.5
+    cands = priced_candidates(space, {"fp32": table, "int8": int8}, target)
+    zero = [c for c in cands if c.precision == "int8" and not any(c.removed)]
+    assert zero and zero[0].predicted_ms <= target
+    assert all(c.predicted_ms <= target for c in cands)
+    assert {c.precision for c in cands} == {"fp32", "int8"}
+
+
+# --- end to end: calibrate with a cached model, then bench --compare-tome ----------------------
+
+
+@pytest.mark.slow
+def test_calibrate_speedup_end_to_end_then_compare_tome(tmp_path):
+    """`tomectl calibrate --speedup` on torch with the latency model in the cache (seeded with the
+    synthetic table for this machine's key), real whole-model measurements, the artifact with its
+    ToMe twin; then `tomectl bench --compare-tome` times both beside the unreduced model."""
+    from typer.testing import CliRunner
+
+    from tomectl.bench import _default_threads
+    from tomectl.cli import get_app
+
+    app = get_app()
+
+    cache = tmp_path / "cache"
+    key = L.target_key("deit_tiny_patch16_224", [3, 224, 224], "torch", "fp32", 1, 1)
+    seeded = synthetic_worker({"key": key, "methods": training_free_methods()})
+    L.save(L.LatencyModel.from_dict(seeded), cache)
+    out = tmp_path / "cal"
+    runner = CliRunner()
+    res = runner.invoke(app, ["calibrate", "deit_tiny_patch16_224", "--speedup", "1.2", "--backend", "torch",
+                              "--threads", "1", "--random-weights", "--cache-dir", str(cache),
+                              "--out", str(out),
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "calibration.json").read_text())
+    assert doc["latency_model"]["fp32"]["cached"] is True
+    assert doc["tome_twin"]["method"] == "tome" and doc["tome_twin"]["family"] == "constant"
+    assert doc["chosen"]["latency_ms"] > 0 and doc["chosen"]["measured_speedup"] > 0
+    assert 2 <= doc["latency_measurements"] <= MAX_LATENCY_MEASUREMENTS
+    md = (out / "calibration.md").read_text()
+    assert "The latency model" in md and "What the search bought" in md
+    assert (out / "frontier.png").stat().st_size > 0
+    assert _default_threads() >= 1
+    rep = tmp_path / "bench"
+    res = runner.invoke(app, ["bench", str(out), "--r", "0", "--compare-tome", "--backend", "torch",
+                              "--threads", "1", "--random-weights", "--iters", "2", "--rounds", "1",
+                              "--warmup-s", "0", "--no-prime", "--report", str(rep), "--json"])
+    assert res.exit_code == 0, res.output
+    labels = [r["label"] for r in json.loads((rep / "report.json").read_text())["rows"]]
+    assert labels == ["r=0", "cal", "cal ToMe twin"]
+
+
+def test_compare_tome_needs_a_calibrated_artifact(tmp_path, capsys):
+    from tomectl.cli import main
+
+    assert main(["bench", "deit_tiny_patch16_224", "--compare-tome", "--random-weights"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--compare-tome" in err[0]
