@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, read_input
 from .recipe import Recipe
 from .recipe import load as load_recipe
 
@@ -158,14 +158,7 @@ def read_json(path: str | Path, what: str, expected: str = "a JSON object") -> d
     or not JSON, JSON that is not an object) is one UserError naming the file and what was expected."""
     path = Path(path)
     where = f"{what} {path}"
-    if path.is_dir():
-        raise UserError(f"{where} is a directory; expected a file with {expected}")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{where} does not exist") from None
-    except OSError as e:
-        raise UserError(f"cannot read {where}: {e.strerror or e}") from None
+    raw = read_input(path, where, expected)
     if not raw.strip():
         raise UserError(f"{where} is empty; expected {expected}")
     try:

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, read_input
 from .reduce import FORMULATIONS, METHODS, get_method
 from .schedule import Schedule
 
@@ -203,14 +203,7 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 def read_yaml(path: str | Path, what: str = "recipe") -> Any:
     """The YAML document in `path`; every way the file can be wrong is one UserError naming it."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{what} {path} is a directory; expected a file with {EXPECTED}")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{what} {path} does not exist") from None
-    except OSError as e:
-        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    raw = read_input(path, f"{what} {path}", EXPECTED)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -34,10 +34,13 @@ from ..runtime import ProgressFn
 from ..schedule import Schedule
 from .budget import Budget, _ceil
 from .scorer import Scorer
-from .search import FINALISTS, MAX_LATENCY_MEASUREMENTS, SCREEN_IMAGES, _evolve, _Ticks
+from .search import MAX_LATENCY_MEASUREMENTS, SCREEN_IMAGES, _evolve, _Ticks
 from .space import Candidate, Space, family_candidates
 
 GRAPH_SCORED = 2  # reduced-precision candidates scored on their own graph, per precision
+# screened candidates scored on all images: more than a FLOPs budget's 3, because the prices of
+# shapes that act at few blocks and of ones that act at all of them differ more in time than in FLOPs
+FINALISTS = 6
 # candidates are priced this far under the budget: the latency model's median error on whole models
 # (measured: benchmarks/latency_model.py), so that the chosen one measures within the budget
 PRICE_MARGIN = 0.03
@@ -203,6 +206,12 @@ def search_priced(space: Space, scorer: Optional[Scorer], models: dict, budget: 
         else:
             ranked = _score_all(space, scorer, models, cands, lm32.whole / aim, judge,
                                 search_evals if not everything else 0, seed, progress)
+            # candidates scored in an earlier round that the new price still admits stay in the race
+            full = len(scorer.images)
+            ranked = sorted(ranked + [c for c in everything if c.latency_ms is None and c.n_scored == full
+                                      and (c.precision == "fp32" or c.scored_on)
+                                      and lm32.whole / c.predicted_ms >= aim and c not in ranked],
+                            key=Candidate.rank_key)
         everything += [c for c in cands if c not in everything]
         if not ranked:
             break
