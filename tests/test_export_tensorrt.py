@@ -76,7 +76,8 @@ def test_every_method_exports_with_parity_and_onehot_is_parse_ready(tmp_path, fo
     from tomectl.export.onnx import export_onnx
     from tomectl.reduce import METHODS
 
-    for method in sorted(METHODS):
+    # onehot: every method; scatter (which TensorRT refuses): one bipartite and one dense method
+    for method in sorted(METHODS) if formulation == "onehot" else ["patchmerger", "tome"]:
         torch.manual_seed(0)
         model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=4, pretrained=False).eval()
         apply(model, method=method, keep=0.5, formulation=formulation)

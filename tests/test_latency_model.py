@@ -262,7 +262,7 @@ def test_int8_unreduced_is_a_candidate(table, space):
 
 
 @pytest.mark.slow
-def test_calibrate_speedup_end_to_end_then_compare_tome(tmp_path):
+def test_calibrate_speedup_end_to_end_then_compare_tome(tmp_path, monkeypatch):
     """`tomectl calibrate --speedup` on torch with the latency model in the cache (seeded with the
     synthetic table for this machine's key), real whole-model measurements, the artifact with its
     ToMe twin; then `tomectl bench --compare-tome` times both beside the unreduced model."""
@@ -273,6 +273,13 @@ def test_calibrate_speedup_end_to_end_then_compare_tome(tmp_path):
 
     app = get_app()
 
+    import functools
+
+    import tomectl.bench
+
+    # one short round per measurement process: the path is what is tested here, not the timing
+    monkeypatch.setattr(tomectl.bench, "measure_side_by_side",
+                        functools.partial(tomectl.bench.measure_side_by_side, rounds=1, duration=0.05))
     cache = tmp_path / "cache"
     key = L.target_key("deit_tiny_patch16_224", [3, 224, 224], "torch", "fp32", 1, 1)
     seeded = synthetic_worker({"key": key, "methods": training_free_methods()})
