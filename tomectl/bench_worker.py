@@ -246,7 +246,8 @@ def run_side_by_side(spec: dict) -> dict:
         row = []
         for k, (fn, sync) in enumerate(fns):
             got = time_loop(fn, spec["warmup"], spec.get("iters"), spec.get("duration"), sync,
-                            warmup_s=spec.get("warmup_s", 0.0), warmup_max_s=spec.get("warmup_max_s", 5.0))
+                            warmup_s=spec.get("warmup_s", 0.0),
+                            warmup_max_s=spec.get("warmup_max_s", WARMUP_MAX_S))
             samples[k] += got
             row.append(statistics.median(got))
         per_round.append(row)

@@ -390,7 +390,6 @@ def _run_worker(spec: dict) -> dict:
 def _probe_modules(model, probes: list[Probe], methods: dict):
     """torch modules, one per probe, over the model's own parts (block 0's weights stand for every
     block's: shapes, not values, set the time)."""
-    import torch
     from torch import nn
 
     from .adapters import vit
@@ -437,7 +436,7 @@ def _probe_modules(model, probes: list[Probe], methods: dict):
             out[pr.name] = Block(methods[pr.method], pr.r, pr.layer)
         elif pr.kind == "whole":
             out[pr.name] = model
-    return {k: v.eval() for k, v in out.items()}, torch
+    return {k: v.eval() for k, v in out.items()}
 
 
 def _input_for(pr: Probe, batch: int, input_size, dim: int, n_tokens: int):
@@ -449,37 +448,32 @@ def _input_for(pr: Probe, batch: int, input_size, dim: int, n_tokens: int):
     return torch.randn(batch, pr.n or n_tokens, dim, generator=g)
 
 
-class _Stack:
+def _chain(mods: dict, probes: list[Probe]):
     """Every token probe chained in one module (one ONNX export for all of them): probe k reads
     ``in{k}`` (the previous probe's output cut or tiled to its token count) and writes ``out{k}``."""
+    import torch
+    from torch import nn
 
-    def __init__(self, mods: dict, probes: list[Probe]):
-        import torch
-        from torch import nn
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mods = nn.ModuleList([mods[p.name] for p in probes])
+            self.sizes = [p.n for p in probes]
 
-        names = [p.name for p in probes]
-        self.names = names
+        def forward(self, x):
+            outs = []
+            prev = x
+            for m, n in zip(self.mods, self.sizes, strict=True):
+                reps = -(-n // prev.shape[1])
+                # a real operator at every boundary (the exporter removes identities, which would
+                # join two probes' tensors into one)
+                xin = torch.relu((torch.cat([prev] * reps, dim=1) if reps > 1 else prev)[:, :n])
+                y = m(xin)
+                outs += [xin, y]
+                prev = y
+            return tuple(outs)
 
-        class Chain(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.mods = nn.ModuleList([mods[n] for n in names])
-                self.sizes = [p.n for p in probes]
-
-            def forward(self, x):
-                outs = []
-                prev = x
-                for m, n in zip(self.mods, self.sizes, strict=True):
-                    reps = -(-n // prev.shape[1])
-                    # a real operator at every boundary (the exporter removes identities, which would
-                    # join two probes' tensors into one)
-                    xin = torch.relu((torch.cat([prev] * reps, dim=1) if reps > 1 else prev)[:, :n])
-                    y = m(xin)
-                    outs += [xin, y]
-                    prev = y
-                return tuple(outs)
-
-        self.module = Chain().eval()
+    return Chain().eval()
 
 
 def _export_many(module, example, out_names: list[str], path: Path) -> None:
@@ -502,7 +496,7 @@ def _export_many(module, example, out_names: list[str], path: Path) -> None:
     onnx.save(prog.model_proto, str(path))
 
 
-def _graph_probes(spec: dict, model, probes: list[Probe], mods: dict, workdir: Path, progress=None) -> dict:
+def _graph_probes(spec: dict, model, probes: list[Probe], mods: dict, workdir: Path) -> dict:
     """probe name -> path of its ONNX graph in the target's precision."""
     import onnx
     import torch
@@ -522,16 +516,13 @@ def _graph_probes(spec: dict, model, probes: list[Probe], mods: dict, workdir: P
     chain = [p for p in probes if p.kind not in ("fixed", "whole")]
     for c0 in range(0, len(chain), STACK):  # the exporter's optimiser slows down on big graphs
         part = chain[c0:c0 + STACK]
-        stack = _Stack(mods, part)
         outs = [f"{io}{k}" for k in range(len(part)) for io in ("in", "out")]
         stack_path = workdir / f"stack{c0}.onnx"
-        _export_many(stack.module, torch.randn(b, spec["n_tokens"], dim, generator=g), outs, stack_path)
+        _export_many(_chain(mods, part), torch.randn(b, spec["n_tokens"], dim, generator=g), outs, stack_path)
         ext = onnx.utils.Extractor(onnx.load(str(stack_path)))
         for k, pr in enumerate(part):
             paths[pr.name] = workdir / f"p{c0 + k}.onnx"
             onnx.save(ext.extract_model([f"in{k}"], [f"out{k}"]), str(paths[pr.name]))
-        if progress:
-            progress(min(c0 + STACK, len(chain)), len(chain))
     precision = spec["precision"]
     if precision == "fp32":
         return paths
@@ -556,7 +547,9 @@ def _graph_probes(spec: dict, model, probes: list[Probe], mods: dict, workdir: P
 
 def _timers(spec: dict, model, probes: list[Probe], methods: dict, workdir: Path) -> dict:
     """probe name -> a function running it once (inputs prepared), plus the sync of the device."""
-    mods, torch = _probe_modules(model, probes, methods)
+    import torch
+
+    mods = _probe_modules(model, probes, methods)
     backend, b = spec["backend"], spec["batch"]
     fns = {}
     if backend.startswith("ort"):

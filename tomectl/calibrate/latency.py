@@ -34,7 +34,7 @@ from ..runtime import ProgressFn
 from ..schedule import Schedule
 from .budget import Budget, _ceil
 from .scorer import Scorer
-from .search import MAX_LATENCY_MEASUREMENTS, SCREEN_IMAGES, _evolve, _Ticks
+from .search import MAX_LATENCY_MEASUREMENTS, _evolve, _screen, _Ticks
 from .space import Candidate, Space, family_candidates
 
 GRAPH_SCORED = 2  # reduced-precision candidates scored on their own graph, per precision
@@ -262,19 +262,11 @@ def _score_all(space, scorer, models, cands, target, judge, search_evals, seed, 
     """Screen, score the finalists on all images, search per layer, score reduced-precision ones on
     their own graphs; returns the candidates with a full score, best first."""
     ticks = _Ticks(progress, len(cands) + FINALISTS + 1 + search_evals)
-    screen = min(SCREEN_IMAGES, len(scorer.images))
-    for c in cands:
-        scorer.score(c, screen)
-        ticks("candidates")
-    ranked = sorted(cands, key=Candidate.rank_key)
-    fp32 = [c for c in ranked if c.precision == "fp32"]
-    finalists = fp32[:FINALISTS] + [c for c in fp32 if c.tome_twin and c not in fp32[:FINALISTS]]
-    for c in finalists:
-        scorer.score(c)
-        ticks("candidates")
+    # reduced-precision candidates are screened on their fp32 score, and scored on their own graph below
+    finalists = _screen(scorer, cands, ticks, FINALISTS, eligible=lambda c: c.precision == "fp32")
     if search_evals > 0 and "fp32" in models and finalists:
         lm = models["fp32"]
-        found = _evolve(_PricedSpace(space, lm, target), scorer, finalists, target, search_evals, seed, ticks)
+        found = _evolve(_PricedSpace(space, lm), scorer, finalists, target, search_evals, seed, ticks)
         for c in found:
             c.precision, c.predicted_ms = "fp32", lm.predict(c.method, c.removed)
         cands.extend(found)
@@ -298,7 +290,7 @@ class _PricedSpace:
     """A Space whose `fits` and `gmacs` the per-layer search uses, with fits priced by predicted
     latency (the search's `target` is then in ms)."""
 
-    def __init__(self, space: Space, lm, target_ms: float):
+    def __init__(self, space: Space, lm):
         self._space, self._lm = space, lm
 
     def __getattr__(self, name):

@@ -62,17 +62,21 @@ def search_flops(space: Space, scorer: Optional[Scorer], target_gmacs: float, *,
     return cands + _evolve(space, scorer, cands, target_gmacs, search_evals, seed, ticks)
 
 
-def _screen(scorer: Scorer, cands: list[Candidate], ticks: _Ticks) -> None:
-    """Score every candidate on the screening images, then the finalists on all of them."""
+def _screen(scorer: Scorer, cands: list[Candidate], ticks: _Ticks, n_finalists: int = FINALISTS,
+            eligible=None) -> list[Candidate]:
+    """Score every candidate on the screening images, then the best `n_finalists` of the `eligible`
+    ones (and constant-r ToMe, the usual baseline) on all of them; returns the finalists."""
     screen = min(SCREEN_IMAGES, len(scorer.images))
     for c in cands:
         scorer.score(c, screen)
         ticks("candidates")
-    finalists = sorted(cands, key=Candidate.rank_key)[:FINALISTS]
-    finalists += [c for c in cands if c.family == "constant" and c.method == "tome" and c not in finalists]
+    pool = [c for c in sorted(cands, key=Candidate.rank_key) if eligible is None or eligible(c)]
+    finalists = pool[:n_finalists]
+    finalists += [c for c in pool if c.family == "constant" and c.method == "tome" and c not in finalists]
     for c in finalists:
         scorer.score(c)
         ticks("candidates")
+    return finalists
 
 
 def _evolve(space: Space, scorer: Scorer, cands: list[Candidate], target_gmacs: float, search_evals: int,
