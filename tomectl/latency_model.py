@@ -395,23 +395,31 @@ def _probe_modules(model, probes: list[Probe], methods: dict):
     from .adapters import vit
     from .reduce import TokenState
 
-    blk = model.blocks[0]
     p = model.num_prefix_tokens
 
-    class Fixed(nn.Module):
+    class Part(nn.Module):
+        # the model is a registered submodule, so that the exporter records its layers' module
+        # hierarchy: int8 conversion finds the linear layers by it (`quantizable_nodes`)
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+    class Fixed(Part):
         def forward(self, img):
-            t = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(img))))
-            return model.forward_head(model.norm(t))
+            m = self.model
+            t = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(img))))
+            return m.forward_head(m.norm(t))
 
     class Call(nn.Module):
         def forward(self, x):
             return x + 1.0
 
-    class Mlp(nn.Module):
+    class Mlp(Part):
         def forward(self, x):
+            blk = self.model.blocks[0]
             return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
-    class Block(nn.Module):
+    class Block(Part):
         def __init__(self, method=None, amount=0, layer=0):
             super().__init__()
             self.method, self.amount, self.layer = method, amount, layer
@@ -420,7 +428,7 @@ def _probe_modules(model, probes: list[Probe], methods: dict):
             # sizes as after a merge (so proportional attention's bias is paid), from x so that no
             # exporter folds them away
             state = TokenState(protected=p, size=x[..., :1] * 0.0 + 1.0)
-            return vit.run_block(model, 0, x, state, self.amount, self.method, self.layer)
+            return vit.run_block(self.model, 0, x, state, self.amount, self.method, self.layer)
 
     out = {}
     for pr in probes:
@@ -496,6 +504,38 @@ def _export_many(module, example, out_names: list[str], path: Path) -> None:
     onnx.save(prog.model_proto, str(path))
 
 
+def _fold_weight_transposes(proto):
+    """Transposes of initializers folded into the initializers: in a chain the probes share block 0's
+    weights, and the exporter leaves a shared weight's transpose as a node, where the whole model's
+    graph has a transposed initializer (int8 conversion quantizes only constant weights)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    keep = []
+    for node in proto.graph.node:
+        if node.op_type == "Transpose" and node.input[0] in inits:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            arr = numpy_helper.to_array(inits[node.input[0]]).transpose(perm)
+            proto.graph.initializer.append(numpy_helper.from_array(arr, node.output[0]))
+        else:
+            keep.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+    used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+    live = [t for t in proto.graph.initializer if t.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(live)
+    return proto
+
+
+def _int8_ops(path: Path) -> int:
+    """How many int8 matrix products (dynamic: MatMulInteger; static: QDQ-fed MatMul) a graph has."""
+    import onnx
+
+    nodes = onnx.load(str(path)).graph.node
+    return sum(n.op_type in ("MatMulInteger", "ConvInteger", "DequantizeLinear") for n in nodes)
+
+
 def _graph_probes(spec: dict, model, probes: list[Probe], mods: dict, workdir: Path) -> dict:
     """probe name -> path of its ONNX graph in the target's precision."""
     import onnx
@@ -509,7 +549,7 @@ def _graph_probes(spec: dict, model, probes: list[Probe], mods: dict, workdir: P
     paths: dict[str, Path] = {}
     g = torch.Generator().manual_seed(0)
     img = torch.randn(b, *input_size, generator=g)
-    for name in ("fixed", "whole"):
+    for name in [n for n in ("fixed", "whole") if n in mods]:
         proto = export_graph(mods[name], img)
         paths[name] = workdir / f"{name}.onnx"
         onnx.save(proto, str(paths[name]))
@@ -522,25 +562,28 @@ def _graph_probes(spec: dict, model, probes: list[Probe], mods: dict, workdir: P
         ext = onnx.utils.Extractor(onnx.load(str(stack_path)))
         for k, pr in enumerate(part):
             paths[pr.name] = workdir / f"p{c0 + k}.onnx"
-            onnx.save(ext.extract_model([f"in{k}"], [f"out{k}"]), str(paths[pr.name]))
+            probe = _fold_weight_transposes(ext.extract_model([f"in{k}"], [f"out{k}"]))
+            onnx.save(probe, str(paths[pr.name]))
     precision = spec["precision"]
     if precision == "fp32":
         return paths
     conv = {}
     for name, path in paths.items():
         dst = path.with_suffix(f".{precision}.onnx")
-        try:
-            if precision == "int8":
-                mode = spec.get("int8_mode") or "dynamic"
-                calib = None
-                if mode == "static":
-                    shape = onnx.load(str(path)).graph.input[0].type.tensor_type.shape
-                    calib = torch.randn(8 * b, *[d.dim_value for d in shape.dim][1:], generator=g)
-                to_int8(path, dst, mode, calib)
-            else:
-                to_fp16_graph(path, dst)
-        except UserError:  # a probe with no linear layer ("call"): it stays as it is
-            dst = path
+        if name == "call":  # no linear layer: it stays as it is
+            conv[name] = path
+            continue
+        if precision == "int8":
+            mode = spec.get("int8_mode") or "dynamic"
+            calib = None
+            if mode == "static":
+                shape = onnx.load(str(path)).graph.input[0].type.tensor_type.shape
+                calib = torch.randn(8 * b, *[d.dim_value for d in shape.dim][1:], generator=g)
+            to_int8(path, dst, mode, calib)  # refuses a probe with no linear layer found
+            if name != "fixed" and _int8_ops(dst) < 2:  # every block has at least fc1 and fc2
+                raise RuntimeError(f"int8 probe {name}: its linear layers were not converted")
+        else:
+            to_fp16_graph(path, dst)
         conv[name] = dst
     return conv
 
