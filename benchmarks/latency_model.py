@@ -7,6 +7,10 @@ finalists). Predicted = the model anchored on the unreduced model's time in the 
 calibration does); "raw" = the table alone, anchored on its own measurement of the whole model.
 
     python benchmarks/latency_model.py [--backends ort,torch] [--schedules 20] [--threads 1]
+    python benchmarks/latency_model.py --backends ort --precision int8 --out .../latency_model_int8
+
+`--precision int8` (onnxruntime only): the int8 table, and every schedule's graph converted by
+export's own quantizer (dynamic, the default mode), as calibrate --precision fp32,int8 prices them.
 
 Writes benchmarks/results/latency_model.{md,json}. Random weights: time does not depend on them.
 """
@@ -32,6 +36,7 @@ from tomectl.bench import measure_side_by_side  # noqa: E402
 from tomectl.build import build  # noqa: E402
 from tomectl.calibrate.space import _space_for, training_free_methods  # noqa: E402
 from tomectl.export.onnx import export_graph  # noqa: E402
+from tomectl.export.precision import to_int8  # noqa: E402
 from tomectl.latency_model import latency_model  # noqa: E402
 from tomectl.models import create  # noqa: E402
 from tomectl.recipe import Recipe  # noqa: E402
@@ -56,13 +61,17 @@ def random_schedule(space, method: str, rng: random.Random) -> tuple[int, ...]:
     return space.clamp(method, removed)
 
 
-def run_backend(model_name: str, backend: str, n_sched: int, threads: int, seed: int, cache_dir) -> dict:
+def run_backend(model_name: str, backend: str, n_sched: int, threads: int, seed: int, cache_dir,
+                precision: str = "fp32") -> dict:
     loaded = create(model_name, random_weights=True)
     methods = training_free_methods()
     formulation = "onehot" if backend.startswith("ort") else "scatter"
     space = _space_for(loaded.model, methods, {}, formulation)
     t0 = time.perf_counter()
-    lm, cached = latency_model(model_name, backend, threads=threads, methods=methods, cache_dir=cache_dir)
+    if precision != "fp32" and not backend.startswith("ort"):
+        raise SystemExit(f"--precision {precision}: onnxruntime only")
+    lm, cached = latency_model(model_name, backend, precision=precision, threads=threads, methods=methods,
+                               cache_dir=cache_dir)
     lm_s = time.perf_counter() - t0
     rng = random.Random(seed)
     scheds = [(m, random_schedule(space, m, rng)) for m in methods for _ in range(n_sched)]
@@ -78,6 +87,9 @@ def run_backend(model_name: str, backend: str, n_sched: int, threads: int, seed:
             # its time matters here
             model = build(rec, random_weights=True, target=Target("ort", batch=1)).model
             onnx.save(export_graph(model, torch.randn(1, 3, 224, 224)), str(path))
+            if precision == "int8":
+                to_int8(path, path.with_suffix(".int8.onnx"))
+                path = path.with_suffix(".int8.onnx")
             return rec, path
 
         base = graph("base", "tome", tuple([0] * space.n_layers))
@@ -92,13 +104,13 @@ def run_backend(model_name: str, backend: str, n_sched: int, threads: int, seed:
                              "predicted_ms": pred, "error": pred / st.p50 - 1, "raw_ms": raw,
                              "raw_error": raw / st.p50 - 1, "base_ms": stats[0].p50})
             print(f"{backend}: {len(rows)}/{len(scheds)} schedules timed", flush=True)
-    return {"backend": backend, "threads": threads, "model_cached": cached, "model_seconds": round(lm_s, 1),
+    return {"backend": backend, "precision": precision, "threads": threads, "model_cached": cached, "model_seconds": round(lm_s, 1),
             "table_whole_ms": lm.whole, "probe_spread": lm.spread, "rows": rows}
 
 
 def summarise(res: dict) -> list[str]:
     how = "from the cache" if res["model_cached"] else "measured in {:.0f} s".format(res["model_seconds"])
-    lines = [f"### {res['backend']} (threads {res['threads']}; latency model {how}, "
+    lines = [f"### {res['backend']} {res.get('precision', 'fp32')} (threads {res['threads']}; latency model {how}, "
              f"probe spread {res['probe_spread']:.1%})", "",
              "| method | schedules | median abs error | worst abs error | median raw error | median spread |",
              "|---|---|---|---|---|---|"]
@@ -121,10 +133,11 @@ def main() -> None:
     ap.add_argument("--schedules", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency_model"))
     a = ap.parse_args()
-    results = [run_backend(a.model, b, a.schedules, a.threads, a.seed, a.cache_dir)
+    results = [run_backend(a.model, b, a.schedules, a.threads, a.seed, a.cache_dir, a.precision)
                for b in a.backends.split(",")]
     md = [f"# Latency model: predicted vs measured whole-model latency, {a.model}, batch 1", "",
           "Each schedule timed side by side with the unreduced model (one process, round-robin); predicted "

@@ -57,3 +57,60 @@ def val_images(val_dir) -> tuple[torch.Tensor, torch.Tensor]:
     x = data.load_images(val_dir, pre, 48, resize="squash")
     y = torch.tensor([s.label for s in samples])
     return x, y
+
+
+# --- one trace per distinct graph ----------------------------------------------------------------
+#
+# torch's ONNX exporter takes 10-30 s per DeiT graph here, and many tests export the same model
+# (DeiT-Tiny ToMe r=13, the unreduced baselines) through different entry points. `export_graph` is a
+# pure function of the module (structure, attributes, reduction plan, weights) and the example's
+# shape, so the suite traces each distinct graph once and hands later callers a copy of the proto.
+# Everything after the trace (parity checks, onnxslim, conversion, validation, writing) still runs.
+# TOMECTL_TEST_TRACE_CACHE=0 switches it off (to check the exporter's own determinism, for one).
+
+
+def _module_key(model: torch.nn.Module, h) -> None:
+    import dataclasses
+
+    h.update(repr(model).encode())
+    for name, mod in model.named_modules():
+        attrs = []
+        for k, v in sorted(vars(mod).items()):
+            if isinstance(v, (bool, int, float, str, tuple, type(None))) or dataclasses.is_dataclass(v):
+                attrs.append(f"{k}={v!r}")
+        h.update(f"{name}|{type(mod).__qualname__}|{'|'.join(attrs)}".encode())
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    for name, t in sorted(tensors.items()):
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _trace_once():
+    import hashlib
+
+    import onnx
+
+    from tomectl.export import onnx as onnx_export
+
+    if os.environ.get("TOMECTL_TEST_TRACE_CACHE", "1") == "0":
+        yield
+        return
+    real = onnx_export.export_graph
+    traced: dict[str, bytes] = {}
+
+    def export_graph(model, example, opset=onnx_export.OPSET):
+        h = hashlib.sha256()
+        _module_key(model, h)
+        h.update(f"{type(model).__qualname__}{model.training}{tuple(example.shape)}{example.dtype}{opset}".encode())
+        key = h.hexdigest()
+        if key not in traced:
+            traced[key] = real(model, example, opset).SerializeToString()
+        proto = onnx.ModelProto()
+        proto.ParseFromString(traced[key])
+        return proto
+
+    onnx_export.export_graph = export_graph
+    yield
+    onnx_export.export_graph = real

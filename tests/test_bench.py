@@ -86,7 +86,8 @@ def test_measure_latency_in_process():
 
 @pytest.mark.parametrize("backends", [
     "torch",
-    pytest.param("torch,ort", marks=[
+    # ort alone: the torch rows are the run above (a backend's rows are built the same way for each)
+    pytest.param("ort", marks=[
         pytest.mark.slow,  # two ONNX exports with their parity checks
         pytest.mark.skipif(not HAVE_ONNX_EXPORT, reason="tomectl.export.onnx not available"),
     ]),
@@ -128,13 +129,14 @@ def test_tiny_bench_end_to_end(backends, tmp_path, capsys):
     assert red["rounds"][0]["speedup"] == pytest.approx(
         base["rounds"][0]["p50_ms"] / red["rounds"][0]["p50_ms"], rel=1e-3)
     assert base["gmacs"] == pytest.approx(1.254, abs=0.002)
-    assert red["gmacs"] == pytest.approx(0.735, abs=0.002)
+    # priced on the row's formulation: scatter in torch, onehot (its assignment MatMuls) in onnxruntime
+    assert red["gmacs"] == pytest.approx(0.7719 if backends == "ort" else 0.735, abs=0.002)
     assert red["flops_ratio"] == pytest.approx(base["gmacs"] / red["gmacs"], rel=1e-3)
     assert red["speedup"] == pytest.approx(base["latency_ms"]["p50"] / red["latency_ms"]["p50"], rel=1e-3)
     assert red["efficiency"] == pytest.approx(red["speedup"] / red["flops_ratio"], rel=1e-3)
 
     md = (out / report.MD_NAME).read_text()
-    assert "| torch | 1 | r=13 | 0.735 |" in md
+    assert (f"| {backends} | 1 | r=13 | {red['gmacs']:.3f} |" in md), md
     cell = report.speedup_cell(red)
     assert cell in md and (red["speedup_stable"] is False or "x (" in cell)
     assert (out / report.PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

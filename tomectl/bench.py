@@ -422,11 +422,15 @@ def _check_counts(warmup: int, iters: Optional[int], duration: Optional[float], 
 
 def export_for_bench(recipe: Recipe, batch: int, *, onnx_out: Path, engine_out: Optional[Path] = None,
                      weights=None, random_weights: bool = False, simplify: bool = True,
-                     formulation: Optional[str] = None, precision: str = "fp32") -> tuple[str, str]:
+                     formulation: Optional[str] = None, precision: str = "fp32",
+                     exports: Optional[dict] = None) -> tuple[str, str]:
     """Export `recipe` at `batch` to `onnx_out` (and a TensorRT engine) through the one export
     pipeline (`Reduced.export_onnx`, what `tomectl export` writes for the same target), checked
     against PyTorch; returns (a one-line parity note, the sha256 of the timed file). UserError when
-    the export fails."""
+    the export fails.
+
+    exports: a dict kept across calls (one bench run): the fp32 ONNX exports made so far, so that a
+    configuration's int8/fp16 graph is converted from its fp32 row's file instead of exported again."""
     from .build import build
     from .export.precision import PrecisionOptions
 
@@ -436,8 +440,15 @@ def export_for_bench(recipe: Recipe, batch: int, *, onnx_out: Path, engine_out: 
     # engine is built from the fp32 graph in its own precision
     popts = PrecisionOptions(precision if engine_out is None else "fp32",
                              validate=not reduced.loaded.random_weights, n_check=BENCH_PRECISION_CHECK)
+    key = json.dumps([recipe.to_dict(), target.backend, batch, reduced.formulation, simplify, str(weights),
+                      random_weights],
+                     sort_keys=True, default=str)
+    done = (exports or {}).get(key)
     res = reduced.export_onnx(onnx_out, simplify=simplify, precision=popts,
-                              atol=RANDOM_WEIGHTS_ATOL if random_weights else None)
+                              atol=RANDOM_WEIGHTS_ATOL if random_weights else None,
+                              fp32_export=done if done is not None and Path(done.path).is_file() else None)
+    if exports is not None and res.precision == "fp32":
+        exports[key] = res
     note = f"max |diff| {res.max_abs_diff:.1e} vs PyTorch on {res.n_check} inputs"
     if res.near_ties:
         note += f" ({res.near_ties} on a merge near-tie, matched on a rounding-sized perturbation)"
@@ -491,6 +502,7 @@ class _Graphs:
 
 def _export_all(entries, backends, batches, workdir: Path, tick, **kw) -> _Graphs:
     g = _Graphs()
+    exports: dict = {}  # fp32 exports, which the same configuration's int8/fp16 rows start from
     kinds = ["onnx"] if any(b.startswith("ort") for b in backends) else []
     kinds += ["trt"] if "trt" in backends else []
     for bs in batches:
@@ -501,7 +513,7 @@ def _export_all(entries, backends, batches, workdir: Path, tick, **kw) -> _Graph
                 engine = workdir / f"trt{i}_b{bs}.engine" if kind == "trt" else None
                 try:
                     note, sha = export_for_bench(e.recipe, bs, onnx_out=onnx_path, engine_out=engine,
-                                                 precision=e.precision, **kw)
+                                                 precision=e.precision, exports=exports, **kw)
                 except UserError as err:
                     g.errors[(kind, e.label, bs)] = str(err)
                     continue

@@ -257,23 +257,31 @@ class Reduced:
         return torch_runner(self.model)
 
     def export_onnx(self, out: str | Path, *, check_inputs=None, atol: Optional[float] = None,
-                    simplify: bool = True, meta: Optional[dict] = None, progress=None, precision=None):
+                    simplify: bool = True, meta: Optional[dict] = None, progress=None, precision=None,
+                    fp32_export=None):
         """The ONNX graph for this target (its batch, formulation and precision), checked against
         PyTorch: the one export pipeline of `tomectl export`, `bench` and `calibrate`.
 
         precision: `export.precision.PrecisionOptions` (default: the target's precision with the
         default int8 mode); an int8/fp16 graph is made from the checked fp32 one and validated
-        against the unreduced model before it is written."""
+        against the unreduced model before it is written.
+        fp32_export: the OnnxExportResult of this same export in fp32, already written and checked
+        (bench's fp32 row of the same configuration): the int8/fp16 graph starts from its file
+        instead of exporting it again (the exporter is deterministic: the same bytes)."""
         from .export.onnx import ATOL, DEFAULT_CHECK_IMAGES, check_inputs_for, export_onnx
         from .export.precision import PrecisionOptions, export_precision
 
         opts = precision or PrecisionOptions(self.target.precision)
         if opts.precision != "fp32":
+            def fp32(path: Path):
+                if fp32_export is None:
+                    return self.export_onnx(path, check_inputs=check_inputs, atol=atol, simplify=simplify,
+                                            meta=meta, progress=progress)
+                return _copy_export(fp32_export, Path(path))
+
             self.target = dataclasses.replace(self.target, precision="fp32")  # the graph it starts from
             try:
-                return export_precision(self, out, opts, lambda p: self.export_onnx(
-                    p, check_inputs=check_inputs, atol=atol, simplify=simplify, meta=meta, progress=progress),
-                    progress)
+                return export_precision(self, out, opts, fp32, progress)
             finally:
                 self.target = dataclasses.replace(self.target, precision=opts.precision)
 
@@ -295,6 +303,21 @@ class Reduced:
         return {"model": self.recipe.model, "weights": self.loaded.weights.to_dict(),
                 "recipe": dataclasses.replace(self.recipe, formulation=self.formulation).to_dict(),
                 "gmacs": round(self.macs().gmacs, 4), "gmacs_base": round(self.base_macs().gmacs, 4)}
+
+
+def _copy_export(res, path: Path):
+    """A copy of the checked export `res` (file and sidecar) at `path`: its result, moved there."""
+    import copy
+    import shutil
+
+    if res.precision != "fp32" or not Path(res.path).is_file() or not Path(res.sidecar or "").is_file():
+        raise ValueError("fp32_export must be a written fp32 export with its sidecar")
+    side = path.with_name(path.name + ".json")
+    shutil.copyfile(res.path, path)
+    shutil.copyfile(res.sidecar, side)
+    out = copy.deepcopy(res)
+    out.path, out.sidecar = str(path), str(side)
+    return out
 
 
 def check_backends(backends: Sequence[str]) -> list[str]:
