@@ -104,13 +104,15 @@ def run_backend(model_name: str, backend: str, n_sched: int, threads: int, seed:
                              "predicted_ms": pred, "error": pred / st.p50 - 1, "raw_ms": raw,
                              "raw_error": raw / st.p50 - 1, "base_ms": stats[0].p50})
             print(f"{backend}: {len(rows)}/{len(scheds)} schedules timed", flush=True)
-    return {"backend": backend, "precision": precision, "threads": threads, "model_cached": cached, "model_seconds": round(lm_s, 1),
+    return {"backend": backend, "precision": precision, "threads": threads, "model_cached": cached,
+            "model_seconds": round(lm_s, 1),
             "table_whole_ms": lm.whole, "probe_spread": lm.spread, "rows": rows}
 
 
 def summarise(res: dict) -> list[str]:
     how = "from the cache" if res["model_cached"] else "measured in {:.0f} s".format(res["model_seconds"])
-    lines = [f"### {res['backend']} {res.get('precision', 'fp32')} (threads {res['threads']}; latency model {how}, "
+    lines = [f"### {res['backend']} {res.get('precision', 'fp32')} (threads {res['threads']}; "
+             f"latency model {how}, "
              f"probe spread {res['probe_spread']:.1%})", "",
              "| method | schedules | median abs error | worst abs error | median raw error | median spread |",
              "|---|---|---|---|---|---|"]
