@@ -443,10 +443,9 @@ def export_for_bench(recipe: Recipe, batch: int, *, onnx_out: Path, engine_out: 
     key = json.dumps([recipe.to_dict(), target.backend, batch, reduced.formulation, simplify, str(weights),
                       random_weights],
                      sort_keys=True, default=str)
-    done = (exports or {}).get(key)
     res = reduced.export_onnx(onnx_out, simplify=simplify, precision=popts,
                               atol=RANDOM_WEIGHTS_ATOL if random_weights else None,
-                              fp32_export=done if done is not None and Path(done.path).is_file() else None)
+                              fp32_export=(exports or {}).get(key))
     if exports is not None and res.precision == "fp32":
         exports[key] = res
     note = f"max |diff| {res.max_abs_diff:.1e} vs PyTorch on {res.n_check} inputs"

@@ -529,7 +529,8 @@ def _fold_weight_transposes(proto):
 
 
 def _int8_ops(path: Path) -> int:
-    """How many int8 matrix products (dynamic: MatMulInteger; static: QDQ-fed MatMul) a graph has."""
+    """How many int8 nodes a graph has (dynamic: MatMulInteger/ConvInteger; static QDQ: its
+    DequantizeLinear nodes, two or more per converted product)."""
     import onnx
 
     nodes = onnx.load(str(path)).graph.node
