@@ -319,7 +319,7 @@ def test_calibrate_speedup_end_to_end_then_compare_tome(tmp_path, monkeypatch):
     L.save(L.LatencyModel.from_dict(seeded), cache)
     out = tmp_path / "cal"
     runner = CliRunner()
-    res = runner.invoke(app, ["calibrate", "deit_tiny_patch16_224", "--speedup", "1.2", "--backend", "torch",
+    res = runner.invoke(app, ["calibrate", "deit_tiny_patch16_224", "--speedup", "1.05", "--backend", "torch",
                               "--threads", "1", "--random-weights", "--cache-dir", str(cache),
                               "--out", str(out),
                               "--json"])

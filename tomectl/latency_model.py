@@ -492,7 +492,7 @@ def _export_many(module, example, out_names: list[str], path: Path) -> None:
     import onnx
     import torch
 
-    from .export.onnx import INPUT_NAME, OPSET, _translations
+    from .export.onnx import INPUT_NAME, OPSET, _translations, optimize_graph
 
     log = io.StringIO()
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(log), \
@@ -500,8 +500,9 @@ def _export_many(module, example, out_names: list[str], path: Path) -> None:
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(module, (example,), None, dynamo=True, opset_version=OPSET,
                                  input_names=[INPUT_NAME], output_names=out_names,
-                                 custom_translation_table=_translations(), verbose=False)
-    onnx.save(prog.model_proto, str(path))
+                                 custom_translation_table=_translations(), optimize=False, verbose=False)
+        proto = optimize_graph(prog)  # the cleanup the whole model's export gets
+    onnx.save(proto, str(path))
 
 
 def _fold_weight_transposes(proto):

@@ -168,12 +168,43 @@ def export_graph(model: nn.Module, example: torch.Tensor, opset: int = OPSET):
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
                 custom_translation_table=_translations(),
+                optimize=False,
                 verbose=False,
             )
+            return optimize_graph(program)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportCheckError(f"torch's ONNX exporter failed: {first[:300]}") from e
-    return program.model_proto
+
+
+def optimize_graph(program):
+    """The exporter's graph cleaned up: functions inlined, constants folded (with shape inference),
+    dead nodes and duplicate initializers removed, common subexpressions merged; returns the proto.
+
+    This is `onnxscript.optimizer.optimize_ir` (what `torch.onnx.export(optimize=True)` runs) without
+    its pattern-rewrite pass. Measured on DeiT-Tiny ToMe r=13 (opset 18, onnxscript 0.7): the rewriter
+    takes 25 of the export's 42 s, and all it changes is 70 Transposes and 2 Reshapes, which onnxslim
+    removes as well (961 nodes after onnxslim either way, the same operators) and onnxruntime's own
+    session optimizer handles (the same latency, batch 1, 1 thread, within 1 %)."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common
+    import onnxscript.optimizer
+
+    model = program.model
+    common.InlinePass()(model)
+    onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True)
+    ir.passes.Sequential(
+        common.RemoveUnusedNodesPass(),
+        common.RemoveUnusedFunctionsPass(),
+        common.RemoveUnusedOpsetsPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.OutputFixPass(),
+        common.NameFixPass(),
+    )(model)
+    return ir.serde.serialize_model(model)
 
 
 def check_graph(path: str | Path) -> None:
