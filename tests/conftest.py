@@ -100,13 +100,13 @@ def _trace_once():
     real = onnx_export.export_graph
     traced: dict[str, bytes] = {}
 
-    def export_graph(model, example, opset=onnx_export.OPSET):
+    def export_graph(model, example, opset=onnx_export.OPSET, output_names=(onnx_export.OUTPUT_NAME,)):
         h = hashlib.sha256()
         _module_key(model, h)
-        h.update(f"{type(model).__qualname__}{model.training}{tuple(example.shape)}{example.dtype}{opset}".encode())
+        h.update(f"{type(model).__qualname__}{model.training}{tuple(example.shape)}{example.dtype}{opset}{tuple(output_names)}".encode())
         key = h.hexdigest()
         if key not in traced:
-            traced[key] = real(model, example, opset).SerializeToString()
+            traced[key] = real(model, example, opset, output_names).SerializeToString()
         proto = onnx.ModelProto()
         proto.ParseFromString(traced[key])
         return proto

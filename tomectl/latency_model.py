@@ -485,24 +485,11 @@ def _chain(mods: dict, probes: list[Probe]):
 
 
 def _export_many(module, example, out_names: list[str], path: Path) -> None:
-    import contextlib
-    import io
-    import warnings
-
     import onnx
-    import torch
 
-    from .export.onnx import INPUT_NAME, OPSET, _translations, optimize_graph
+    from .export.onnx import export_graph
 
-    log = io.StringIO()
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(log), \
-            contextlib.redirect_stderr(log):
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(module, (example,), None, dynamo=True, opset_version=OPSET,
-                                 input_names=[INPUT_NAME], output_names=out_names,
-                                 custom_translation_table=_translations(), optimize=False, verbose=False)
-        proto = optimize_graph(prog)  # the cleanup the whole model's export gets
-    onnx.save(proto, str(path))
+    onnx.save(export_graph(module, example, output_names=out_names), str(path))
 
 
 def _fold_weight_transposes(proto):

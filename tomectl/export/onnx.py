@@ -146,7 +146,8 @@ def _translations() -> dict:
 # --- building blocks ----------------------------------------------------------------------------
 
 
-def export_graph(model: nn.Module, example: torch.Tensor, opset: int = OPSET):
+def export_graph(model: nn.Module, example: torch.Tensor, opset: int = OPSET,
+                 output_names: Sequence[str] = (OUTPUT_NAME,)):
     """Trace `model` on `example` (its batch size is baked in) and return the ONNX ModelProto.
 
     The exporter's chatter (progress lines, warnings) is captured; on failure its last lines go
@@ -166,7 +167,7 @@ def export_graph(model: nn.Module, example: torch.Tensor, opset: int = OPSET):
                 dynamo=True,
                 opset_version=opset,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=list(output_names),
                 custom_translation_table=_translations(),
                 optimize=False,
                 verbose=False,
