@@ -23,8 +23,10 @@ demo: install
 	TOMECTL_WEIGHTS_DIR=$(WEIGHTS_DIR) $(BIN)/tomectl compress deit_tiny_patch16_224 --method tome --r 13 \
 		--out $(DEMO_OUT) --force $(WEIGHTS_FLAG)
 
+# one pytest-xdist worker per core (each computes on one thread; traces are shared through a folder)
+TEST_WORKERS ?= auto
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 lint: install
 	$(BIN)/ruff check tomectl tests benchmarks

@@ -15,7 +15,8 @@ WEIGHTS = SHARED / "weights" / "deit_tiny_patch16_224.safetensors"
 VAL = SHARED / "data" / "imagenet-val-1300"
 TRAIN = SHARED / "data" / "imagenet-train-1000"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# under pytest-xdist (`make test` runs a worker per core) each worker computes on one thread
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 def _need(path: Path, what: str) -> Path:
@@ -86,8 +87,19 @@ def _module_key(model: torch.nn.Module, h) -> None:
         h.update(t.detach().contiguous().cpu().numpy().tobytes())
 
 
+def _trace_dir(factory) -> Path:
+    """Where traces are kept: one folder for the whole run, shared by pytest-xdist's workers (their
+    base temp folders are siblings), so each distinct graph is traced once per run, not per worker."""
+    base = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    d = base / "traces"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
 @pytest.fixture(autouse=True, scope="session")
-def _trace_once():
+def _trace_once(tmp_path_factory):
     import hashlib
 
     import onnx
@@ -98,19 +110,43 @@ def _trace_once():
         yield
         return
     real = onnx_export.export_graph
-    traced: dict[str, bytes] = {}
+    store = _trace_dir(tmp_path_factory)
 
     def export_graph(model, example, opset=onnx_export.OPSET, output_names=(onnx_export.OUTPUT_NAME,)):
         h = hashlib.sha256()
         _module_key(model, h)
         h.update(f"{type(model).__qualname__}{model.training}{tuple(example.shape)}{example.dtype}{opset}{tuple(output_names)}".encode())
-        key = h.hexdigest()
-        if key not in traced:
-            traced[key] = real(model, example, opset, output_names).SerializeToString()
+        path = store / f"{h.hexdigest()}.onnx"
+        if not path.exists():
+            data = real(model, example, opset, output_names).SerializeToString()
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # whole or absent: another worker may read it meanwhile
         proto = onnx.ModelProto()
-        proto.ParseFromString(traced[key])
+        proto.ParseFromString(path.read_bytes())
         return proto
 
     onnx_export.export_graph = export_graph
     yield
     onnx_export.export_graph = real
+
+
+@pytest.fixture
+def in_process_workers(monkeypatch):
+    """Timing workers run in the test's own process (the real worker code on the real backend, spec
+    and result through JSON as between processes), for tests of what is done with the timings;
+    each fresh process costs ~7 s of imports here. Process isolation itself: tests/test_bench.py."""
+    import json
+
+    from tomectl import bench, bench_worker
+
+    def run_isolated(spec, workdir, timeout=bench.WORKER_TIMEOUT_S):
+        threads = torch.get_num_threads()
+        spec = json.loads(json.dumps(spec))
+        try:
+            run = bench_worker.run_side_by_side if "configs" in spec else bench_worker.run_worker
+            return json.loads(json.dumps(run(spec)))
+        finally:
+            torch.set_num_threads(threads)
+
+    monkeypatch.setattr(bench, "run_isolated", run_isolated)

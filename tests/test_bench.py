@@ -6,14 +6,20 @@ import importlib.util
 import json
 
 import pytest
+import timm
 
-from tomectl import bench, bench_worker, report
+from tomectl import bench, bench_worker, flops, report
+from tomectl.build import build
 from tomectl.cli import main
 from tomectl.errors import UserError
 from tomectl.recipe import Recipe
+from tomectl.reduced import Target
 from tomectl.schedule import Schedule
 
 TINY = "deit_tiny_patch16_224"
+# timm's registered test ViT (6 blocks, width 64, 160 px): the end-to-end runs need a real pipeline,
+# not DeiT-Tiny's size (each configuration starts its own process and, for onnxruntime, exports)
+SMALL, SMALL_R = "test_vit", 8
 HAVE_ONNX_EXPORT = importlib.util.find_spec("tomectl.export") is not None and \
     importlib.util.find_spec("tomectl.export.onnx") is not None
 
@@ -96,7 +102,7 @@ def test_tiny_bench_end_to_end(backends, tmp_path, capsys):
     """Each configuration in its own process; report.json, report.md and the plot written."""
     out = tmp_path / "out"
     rounds = 1 if "ort" in backends else 2  # the rounds' bookkeeping is checked on the cheap torch run
-    rc = main(["bench", TINY, "--random-weights", "--r", "13", "--backend", backends, "--batch", "1",
+    rc = main(["bench", SMALL, "--random-weights", "--r", str(SMALL_R), "--backend", backends, "--batch", "1",
                "--warmup", "0", "--warmup-s", "0", "--no-prime", "--rounds", str(rounds), "--iters", "2",
                "--threads", "1", "--report", str(out), "--json"])
     assert rc == 0
@@ -109,7 +115,8 @@ def test_tiny_bench_end_to_end(backends, tmp_path, capsys):
 
     rows = doc["rows"]
     assert [(r["backend"], r["label"]) for r in rows] == [(b, lab) for b in backends.split(",")
-                                                         for lab in ("r=0", "r=13")]
+                                                         for lab in ("r=0", f"r={SMALL_R}")]
+    params = sum(p.numel() for p in timm.create_model(SMALL).parameters())
     for r in rows:
         assert r["error"] is None, r["error"]
         assert set(r["latency_ms"]) == {"mean", "p10", "p50", "p90", "p95", "p99", "min", "std", "n"}
@@ -121,22 +128,27 @@ def test_tiny_bench_end_to_end(backends, tmp_path, capsys):
         assert r["speedup_ci"][0] <= r["speedup"] <= r["speedup_ci"][1]
         assert r["img_per_s"] == pytest.approx(1000 / r["latency_ms"]["mean"], rel=1e-3)
         assert r["peak_mem_mb"] > 50 and r["mem_kind"] == "rss"
-        assert r["params"] == 5_717_416
+        assert r["params"] == params
     base, red = rows[0], rows[1]
+    plain = timm.create_model(SMALL).eval()
+    plain_macs = flops.measured_macs(plain, [3, 160, 160])
     assert base["baseline"] and base["speedup"] == 1.0 and base["efficiency"] == 1.0
     assert base["speedup_ci"] == [1.0, 1.0] and base["speedup_rounds"] == [1.0] * rounds
     assert base["speedup_stable"] is True or (rounds == 1 and base["speedup_stable"] is None)
     assert red["rounds"][0]["speedup"] == pytest.approx(
         base["rounds"][0]["p50_ms"] / red["rounds"][0]["p50_ms"], rel=1e-3)
-    assert base["gmacs"] == pytest.approx(1.254, abs=0.002)
-    # priced on the row's formulation: scatter in torch, onehot (its assignment MatMuls) in onnxruntime
-    assert red["gmacs"] == pytest.approx(0.7719 if backends == "ort" else 0.735, abs=0.002)
-    assert red["flops_ratio"] == pytest.approx(base["gmacs"] / red["gmacs"], rel=1e-3)
+    # GMACs: FlopCounterMode's, on timm's own model for r=0, and for the reduced row on the
+    # formulation the row ran (scatter in torch, onehot with its assignment MatMuls in onnxruntime)
+    assert base["gmacs"] == pytest.approx(plain_macs / 1e9, rel=1e-3)
+    reduced = build(Recipe(SMALL, Schedule.make(r=SMALL_R)), random_weights=True, target=Target(backends))
+    assert red["gmacs"] == pytest.approx(reduced.measured_macs() / 1e9, rel=1e-3)
+    assert reduced.summary()["formulation"] == ("onehot" if backends == "ort" else "scatter")
+    assert red["flops_ratio"] == pytest.approx(base["gmacs"] / red["gmacs"], rel=5e-3)  # GMACs to 4 places
     assert red["speedup"] == pytest.approx(base["latency_ms"]["p50"] / red["latency_ms"]["p50"], rel=1e-3)
     assert red["efficiency"] == pytest.approx(red["speedup"] / red["flops_ratio"], rel=1e-3)
 
     md = (out / report.MD_NAME).read_text()
-    assert (f"| {backends} | 1 | r=13 | {red['gmacs']:.3f} |" in md), md
+    assert (f"| {backends} | 1 | r={SMALL_R} | {red['gmacs']:.3f} |" in md), md
     cell = report.speedup_cell(red)
     assert cell in md and (red["speedup_stable"] is False or "x (" in cell)
     assert (out / report.PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

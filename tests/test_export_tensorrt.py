@@ -663,7 +663,8 @@ def test_bench_trt_rows_report_the_engines_device_memory(monkeypatch):
 @pytest.mark.parametrize("key,precision", [("11.4", "fp16"), ("10.3", "int8")])
 def test_export_hands_the_engine_disjoint_images_and_the_unreduced_reference(key, precision, on_fake,
                                                                              tmp_path, monkeypatch):
-    """`tomectl export --trt` end to end on DeiT-Tiny (random weights) with the generated fake."""
+    """`tomectl export --trt` end to end (timm's 6-block test ViT, random weights) with the generated
+    fake."""
     from tomectl.export import export
     from tomectl.recipe import from_dict
 
@@ -681,7 +682,7 @@ def test_export_hands_the_engine_disjoint_images_and_the_unreduced_reference(key
         return real(onnx_path, out, **kw)
 
     monkeypatch.setattr(trt_export, "build_engine", spy)
-    recipe = from_dict({"model": "deit_tiny_patch16_224", "method": "tome", "schedule": {"r": 13}})
+    recipe = from_dict({"model": "test_vit", "method": "tome", "schedule": {"r": 8}})
     rep = export(recipe, trt_out=tmp_path / "m.engine", precision=precision, random_weights=True,
                  check_images=16, simplify=False)
     check, reference = seen["check_images"], seen["reference"]

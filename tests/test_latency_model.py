@@ -295,7 +295,7 @@ def test_int8_unreduced_is_a_candidate(table, space):
 
 
 @pytest.mark.slow
-def test_calibrate_speedup_end_to_end_then_compare_tome(tmp_path, monkeypatch):
+def test_calibrate_speedup_end_to_end_then_compare_tome(tmp_path, monkeypatch, in_process_workers):
     """`tomectl calibrate --speedup` on torch with the latency model in the cache (seeded with the
     synthetic table for this machine's key), real whole-model measurements, the artifact with its
     ToMe twin; then `tomectl bench --compare-tome` times both beside the unreduced model."""

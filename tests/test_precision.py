@@ -126,15 +126,15 @@ def test_generic_static_quantizer_graph_is_refused(tome13, train_dir, tmp_path):
     assert good.agreement > 0.8
 
 
-def test_fp16_and_int8_graphs_pass_by_default(tome13, train_dir, tmp_path):
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_fp16_and_int8_graphs_pass_by_default(precision, tome13, train_dir, tmp_path):
     red, d = tome13
     check = _check_images(red, train_dir, prec.DEFAULT_CHECK_IMAGES)  # the default settings
-    for precision in ("fp16", "int8"):
-        out = tmp_path / f"{precision}.onnx"
-        prec.convert(d / "fp32.onnx", out, prec.PrecisionOptions(precision), None)
-        pc = prec.validate(red, d / "fp32.onnx", out, check, prec.PrecisionOptions(precision), batch=1)
-        assert pc.passed, pc.describe()
-        assert pc.median_max_abs_diff < (0.5 if precision == "fp16" else 2.0)  # logits, where top-1s agree
+    out = tmp_path / f"{precision}.onnx"
+    prec.convert(d / "fp32.onnx", out, prec.PrecisionOptions(precision), None)
+    pc = prec.validate(red, d / "fp32.onnx", out, check, prec.PrecisionOptions(precision), batch=1)
+    assert pc.passed, pc.describe()
+    assert pc.median_max_abs_diff < (0.5 if precision == "fp16" else 2.0)  # logits, where top-1s agree
 
 
 def test_export_int8_end_to_end_and_refusal(tiny_weights, train_dir, tmp_path, monkeypatch):

@@ -7,5 +7,8 @@ if __name__ == "__main__":
         from .cli import _entry
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted; nothing written\n")
+        from .cli import forget_handled_interrupt
+
+        forget_handled_interrupt()
         sys.exit(130)
     _entry()

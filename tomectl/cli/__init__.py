@@ -18,6 +18,39 @@ INTERRUPTED = "interrupted; nothing written"
 _app = None
 
 
+class _HeldInterrupts:
+    """Hold Ctrl-C while native libraries import, and raise it once they have.
+
+    torch's extension modules call back into Python while they initialise (pybind11); a
+    KeyboardInterrupt raised inside such a callback cannot unwind through C++, and the process dies
+    with "terminate called after throwing an instance of 'pybind11::error_already_set'" (exit 134)
+    instead of the one-line message and exit 130. Seen in the Ctrl-C start-up tests under load."""
+
+    def __enter__(self):
+        self.hit = False
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._hold)
+        except ValueError:  # not the main thread: nothing to hold
+            self.previous = None
+        return self
+
+    def _hold(self, signum, frame):
+        self.hit = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        if self.hit and exc[0] is None:
+            raise KeyboardInterrupt
+        return False
+
+
+def _import_torch() -> None:
+    """Import torch (every command needs it) with Ctrl-C held until its libraries are loaded."""
+    with _HeldInterrupts():
+        import torch  # noqa: F401
+
+
 def _register_commands(app) -> None:
     """Each module of this package that defines `register(app)` adds its commands (one per file);
     every command is wrapped by `common.checked` (option ranges, Ctrl-C)."""
@@ -102,6 +135,7 @@ def _run(args: list[str], debug: bool) -> int:
 
     outputs.reset()
     try:
+        _import_torch()
         app = get_app()
         rv = app(args=args, prog_name="tomectl", standalone_mode=False)
         rv = rv if isinstance(rv, int) else 0
@@ -165,10 +199,28 @@ def main(argv=None) -> int:
         return _interrupted()
 
 
+def forget_handled_interrupt() -> None:
+    """Exit 130 after a Ctrl-C we handled, not death by SIGINT.
+
+    CPython notes a KeyboardInterrupt that escapes code run through `PyRun_String` (which some
+    extension modules call while they import) in `_Py_UnhandledKeyboardInterrupt` and, at exit, kills
+    itself with SIGINT when it is set, even though tomectl caught the interrupt and printed its line:
+    the exit status then depended on which import the Ctrl-C landed in (seen as -2 instead of 130 in
+    the start-up tests). Private to CPython, so looked up defensively."""
+    try:
+        import ctypes
+
+        ctypes.c_int.in_dll(ctypes.pythonapi, "_Py_UnhandledKeyboardInterrupt").value = 0
+    except (ImportError, ValueError, AttributeError, OSError):  # not CPython, or not exported
+        pass
+
+
 def _entry() -> None:  # pragma: no cover
     rc = main()
     try:  # a Ctrl-C while the interpreter shuts down must not print a traceback
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:
         pass
+    if rc == 130:
+        forget_handled_interrupt()
     sys.exit(rc)
