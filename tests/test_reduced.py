@@ -139,8 +139,9 @@ def test_export_report_gmacs_match_flop_counter(tmp_path):
 
 
 def test_bench_and_calibrate_time_the_bytes_export_writes(tmp_path, in_process_workers):
-    """For one artifact at batch 2 (timm's 6-block test ViT: the bytes, not the size, are tested): the graph `tomectl export --onnx` writes, the graph `tomectl bench
-    --backend ort` times, and the graph calibrate's latency measurement times are the same bytes."""
+    """For one artifact at batch 2 (timm's 6-block test ViT: the bytes, not the size, are tested):
+    the graph `tomectl export --onnx` writes, the graph `tomectl bench --backend ort` times, and the
+    graph calibrate's latency measurement times are the same bytes."""
     from tomectl.bench import run_bench
     from tomectl.cli import main
     from tomectl.compress import compress
