@@ -279,6 +279,44 @@ def test_never_more_than_eight_measurements(table, space):
     assert n <= MAX_LATENCY_MEASUREMENTS
 
 
+def test_a_miss_in_one_precision_reprices_that_precision_only(table, space, monkeypatch):
+    """int8 graphs measure slower than their table predicts, and never below a floor (their float
+    decision nodes); fp32 is predicted right. After the int8 misses, the fp32 schedule chosen must
+    sit at the budget, not at the budget times the int8 corrections (2.96x for 2.0x, once)."""
+    from types import SimpleNamespace
+
+    import tomectl.calibrate.latency as latency
+
+    fp32_meter = FakeMeter(table)
+    int8_whole = table.whole / 1.4
+
+    def measure(cands):
+        out = []
+        for c, st in zip(cands, fp32_meter(cands), strict=True):
+            ms = st.p50
+            if c.precision == "int8":
+                ms = max(ms / 1.4 * (1.25 if any(c.removed) else 1.0), 0.75 * int8_whole)
+            out.append(SimpleNamespace(p50=ms, spread=0.02, graph_sha256=None))
+        return out
+
+    def score_all(space, scorer, models, cands, target, judge, search_evals, seed, progress):
+        # ranks int8 a little ahead of fp32 at equal reduction (as quantization costs little accuracy)
+        for c in cands:
+            c.n_scored, c.agreement = 1, 0.9
+            c.kl = sum(c.removed) / 1000 + (0.0 if c.precision == "int8" else 0.05)
+            c.scored_on = "int8 graph" if c.precision == "int8" else None
+        return sorted(cands, key=Candidate.rank_key)
+
+    monkeypatch.setattr(latency, "_score_all", score_all)
+    budget = Budget.parse(speedup=2.0, backend="ort")
+    models = {"fp32": table, "int8": table.anchored(int8_whole)}
+    res = search_priced(space, SimpleNamespace(images=[0]), models, budget, judge=None, measure=measure)
+    assert any("int8 candidates priced again" in n for n in res.notes), res.notes
+    assert res.chosen.precision == "fp32"
+    assert 2.0 <= res.chosen.measured_speedup <= 2.0 * 1.08, res.chosen.measured_speedup
+    assert res.n_measured <= MAX_LATENCY_MEASUREMENTS
+
+
 def test_int8_unreduced_is_a_candidate(table, space):
     from tomectl.calibrate.latency import priced_candidates
 
