@@ -150,3 +150,15 @@ def in_process_workers(monkeypatch):
             torch.set_num_threads(threads)
 
     monkeypatch.setattr(bench, "run_isolated", run_isolated)
+
+
+def pytest_sessionfinish(session):
+    """The traces (a few hundred MB a run) go when the run ends; pytest keeps its last temp folders.
+    Under pytest-xdist this runs in the controller, after every worker has finished."""
+    import shutil
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None:
+        shutil.rmtree(factory.getbasetemp() / "traces", ignore_errors=True)
