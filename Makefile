@@ -23,10 +23,11 @@ demo: install
 	TOMECTL_WEIGHTS_DIR=$(WEIGHTS_DIR) $(BIN)/tomectl compress deit_tiny_patch16_224 --method tome --r 13 \
 		--out $(DEMO_OUT) --force $(WEIGHTS_FLAG)
 
-# one pytest-xdist worker per core (each computes on one thread; traces are shared through a folder)
+# one pytest-xdist worker per core (each computes on one thread; traces are shared through a folder);
+# worksteal: an idle worker takes queued tests from a busy one (the heavy exports end unevenly)
 TEST_WORKERS ?= auto
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: install
 	$(BIN)/ruff check tomectl tests benchmarks
