@@ -89,13 +89,10 @@ def _module_key(model: torch.nn.Module, h) -> None:
 
 def _trace_dir(factory) -> Path:
     """Where traces are kept: one folder for the whole run, shared by pytest-xdist's workers (their
-    base temp folders are siblings), so each distinct graph is traced once per run, not per worker."""
+    base temp folders are subfolders of the controller's), so each distinct graph is traced once per
+    run, not per worker."""
     base = factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent
-    d = base / "traces"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "traces"
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -111,6 +108,7 @@ def _trace_once(tmp_path_factory):
         return
     real = onnx_export.export_graph
     store = _trace_dir(tmp_path_factory)
+    store.mkdir(parents=True, exist_ok=True)
 
     def export_graph(model, example, opset=onnx_export.OPSET, output_names=(onnx_export.OUTPUT_NAME,)):
         h = hashlib.sha256()
@@ -158,7 +156,7 @@ def pytest_sessionfinish(session):
     import shutil
 
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        return
+        return  # the controller removes it
     factory = getattr(session.config, "_tmp_path_factory", None)
     if factory is not None:
-        shutil.rmtree(factory.getbasetemp() / "traces", ignore_errors=True)
+        shutil.rmtree(_trace_dir(factory), ignore_errors=True)

@@ -116,7 +116,8 @@ def test_tiny_bench_end_to_end(backends, tmp_path, capsys):
     rows = doc["rows"]
     assert [(r["backend"], r["label"]) for r in rows] == [(b, lab) for b in backends.split(",")
                                                          for lab in ("r=0", f"r={SMALL_R}")]
-    params = sum(p.numel() for p in timm.create_model(SMALL).parameters())
+    plain = timm.create_model(SMALL).eval()  # timm's own model: the params and r=0 GMACs expected
+    params = sum(p.numel() for p in plain.parameters())
     for r in rows:
         assert r["error"] is None, r["error"]
         assert set(r["latency_ms"]) == {"mean", "p10", "p50", "p90", "p95", "p99", "min", "std", "n"}
@@ -130,8 +131,7 @@ def test_tiny_bench_end_to_end(backends, tmp_path, capsys):
         assert r["peak_mem_mb"] > 50 and r["mem_kind"] == "rss"
         assert r["params"] == params
     base, red = rows[0], rows[1]
-    plain = timm.create_model(SMALL).eval()
-    plain_macs = flops.measured_macs(plain, [3, 160, 160])
+    plain_macs = flops.measured_macs(plain, [3, *plain.patch_embed.img_size])
     assert base["baseline"] and base["speedup"] == 1.0 and base["efficiency"] == 1.0
     assert base["speedup_ci"] == [1.0, 1.0] and base["speedup_rounds"] == [1.0] * rounds
     assert base["speedup_stable"] is True or (rounds == 1 and base["speedup_stable"] is None)

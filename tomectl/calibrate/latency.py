@@ -260,15 +260,14 @@ def search_priced(space: Space, scorer: Optional[Scorer], models: dict, budget: 
                          f"than the weaker {p} schedule before it ({last[p]:.2f}x): {p} left the search at "
                          f"this budget")
             continue
-        last[p] = max(best.measured_speedup, last.get(p, 0.0))
+        last[p] = best.measured_speedup  # faster than the one before it, or it would have left
         predicted = lm32.whole / priced_ms
-        scale[best.precision] *= predicted / best.measured_speedup * (1 + PRICE_MARGIN / 2)
+        scale[p] *= predicted / best.measured_speedup * (1 + PRICE_MARGIN / 2)
         if budget.kind == "latency_ms":  # the budget's ratio moved with the unreduced model's time
             aim = now * (1 + PRICE_MARGIN)
-        notes.append(f"{best.method} {best.family} {best.precision}: predicted {predicted:.2f}x, measured "
+        notes.append(f"{best.method} {best.family} {p}: predicted {predicted:.2f}x, measured "
                      f"{best.measured_speedup:.2f}x beside the unreduced model, under the budget "
-                     f"({now:.2f}x): {best.precision} candidates priced again, "
-                     f"{scale[best.precision]:.2f}x slower than their table")
+                     f"({now:.2f}x): {p} candidates priced again, {scale[p]:.2f}x slower than their table")
     for c in everything:
         c.tome_twin = c is twin
     if chosen is None:
