@@ -89,6 +89,9 @@ def run_one(backend: str, speedup: float, precision: str, x, ref, out_dir: Path,
     cal = json.loads((art / "calibration.json").read_text())
     recipe, _ = read(art)
     twin_d = cal["tome_twin"]
+    if twin_d is None:
+        return {"backend": backend, "speedup": speedup, "precision": precision,
+                "error": "the calibration named no ToMe twin"}
     twin = Recipe(model=MODEL, schedule=Schedule(per_layer=tuple(twin_d["removed"])), method="tome",
                   weights=recipe.weights)
     base = Recipe(model=MODEL, schedule=Schedule.make(r=0), method="tome", weights=recipe.weights)

@@ -149,3 +149,38 @@ def test_trt_precision_reaches_the_latency_measurement(monkeypatch):
     monkeypatch.setattr(tomectl.bench, "measure_latency", fake_measure_latency)
     cal._measure(Recipe("deit_tiny_patch16_224", Schedule.make(r=4)), budget, None)
     assert (seen["backend"], seen["batch"], seen["precision"]) == ("trt", 4, "fp16")
+
+
+def test_ort_latency_budgets_with_images_search_int8_by_default(monkeypatch, tmp_path, capsys):
+    """Without --precision: fp32 and int8 for an ort latency budget with --images, fp32 otherwise;
+    an explicit --precision wins."""
+    seen = []
+
+    def stop(model, budget, **kw):
+        seen.append(budget.precisions)
+        raise UserError("stopped before the search")
+
+    monkeypatch.setattr(cal, "calibrate", stop)
+    base = ["calibrate", "deit_tiny_patch16_224", "--out", str(tmp_path / "o"), "--random-weights"]
+    cases = [
+        (["--speedup", "1.5", "--backend", "ort", "--images", str(tmp_path)], ("fp32", "int8")),
+        (["--speedup", "1.5", "--backend", "ort"], ("fp32",)),
+        (["--speedup", "1.5", "--backend", "torch", "--images", str(tmp_path)], ("fp32",)),
+        (["--flops", "0.6", "--images", str(tmp_path)], ("fp32",)),
+        (["--speedup", "1.5", "--backend", "ort", "--images", str(tmp_path), "--precision", "fp32"], ("fp32",)),
+    ]
+    for args, want in cases:
+        assert main(base + args) == 2
+        assert "stopped before the search" in capsys.readouterr().err
+        assert seen[-1] == want, args
+
+
+def test_int8_candidates_without_images_to_validate_on_are_refused(monkeypatch, tiny_weights):
+    """A machine without the shared images and no --images: one line naming --images (not export's
+    --calib-images, which calibrate does not have), before anything is measured."""
+    import tomectl.export.onnx
+
+    monkeypatch.setattr(tomectl.export.onnx, "shared_calibration_dir", lambda: None)
+    budget = cal.Budget.parse(speedup=1.5, backend="ort", precision="fp32,int8")
+    with pytest.raises(UserError, match="int8 candidates are validated .* pass --images DIR"):
+        cal.calibrate("deit_tiny_patch16_224", budget, weights=tiny_weights)

@@ -343,3 +343,23 @@ def test_artifact_exports_at_batch_8_with_real_weights(tiny_weights, val_dir, tm
     sidecar = json.loads(out.with_name(out.name + ".json").read_text())
     assert sidecar["weights"]["sha256"] == "b2e17235172c1dcddacb55aa8914e2f8b4b95eb9bb7d7782f333bcbef77151b8"
     assert sidecar["input"]["shape"] == [8, 3, 224, 224]
+
+
+def test_gelu_is_written_in_the_order_onnxruntime_fuses(tmp_path):
+    """Each block's exact GELU reaches onnxruntime as one fused Gelu kernel, while the file keeps
+    standard ONNX operators only (TensorRT parses it) and the parity check holds."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    res = export_onnx(small_vit(), tmp_path / "m.onnx", input_size=SIZE, check_inputs=torch.randn(2, *SIZE))
+    assert res.max_abs_diff < ATOL
+    proto = onnx.load(tmp_path / "m.onnx")
+    assert {n.domain for n in proto.graph.node} == {""}
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(tmp_path / "m.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node)
+    assert ops["Gelu"] == 2 and ops["Erf"] == 0, ops

@@ -5,6 +5,7 @@ formula, so every prediction can be checked exactly."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -315,6 +316,11 @@ def test_a_miss_in_one_precision_reprices_that_precision_only(table, space, monk
     assert res.chosen.precision == "fp32"
     assert 2.0 <= res.chosen.measured_speedup <= 2.0 * 1.08, res.chosen.measured_speedup
     assert res.n_measured <= MAX_LATENCY_MEASUREMENTS
+    # across rounds a schedule stays one candidate, and the ToMe twin is the one the result names
+    twins = [c for c in res.candidates if c.tome_twin]
+    assert len(twins) == 1 and twins[0] is res.twin
+    keys = [(c.method, c.removed, c.precision) for c in res.candidates]
+    assert len(keys) == len(set(keys))
 
 
 def test_int8_unreduced_is_a_candidate(table, space):
@@ -324,7 +330,8 @@ def test_int8_unreduced_is_a_candidate(table, space):
     target = table.whole / 1.5
     cands = priced_candidates(space, {"fp32": table, "int8": int8}, target)
     zero = [c for c in cands if c.precision == "int8" and not any(c.removed)]
-    assert zero and zero[0].predicted_ms <= target
+    assert [c.family for c in zero] == ["unreduced"], "one unreduced int8 candidate, named so"
+    assert zero[0].predicted_ms <= target
     assert all(c.predicted_ms <= target for c in cands)
     assert {c.precision for c in cands} == {"fp32", "int8"}
 
@@ -386,3 +393,26 @@ def test_compare_tome_needs_a_calibrated_artifact(tmp_path, capsys):
     assert main(["bench", "deit_tiny_patch16_224", "--compare-tome", "--random-weights"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "--compare-tome" in err[0]
+
+
+def test_reduced_precision_candidates_are_validated_on_the_calibration_images(monkeypatch, tmp_path):
+    """calibrate's int8 candidates are checked on the images it was given (--images), not on a shared
+    folder a user's machine does not have."""
+    import tomectl.bench as bench
+    from tomectl.calibrate.latency import GraphJudge
+
+    seen = {}
+
+    def export(recipe, batch, **kw):
+        seen.update(kw)
+        Path(kw["onnx_out"]).write_bytes(b"graph")
+        return "", ""
+
+    monkeypatch.setattr(bench, "export_for_bench", export)
+    budget = Budget.parse(speedup=1.5, backend="ort", precision="fp32,int8")
+    judge = GraphJudge("deit_tiny_patch16_224", budget, {"source": "file", "path": "w.safetensors"}, 1,
+                       images=str(tmp_path / "mine"), workdir=tmp_path / "work")
+    (tmp_path / "work").mkdir()
+    path = judge.graph(Candidate("tome", "constant", tuple([1] * 12), 1.0, precision="int8"))
+    assert path.read_bytes() == b"graph"
+    assert seen["precision"] == "int8" and seen["check_images"] == str(tmp_path / "mine")

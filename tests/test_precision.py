@@ -68,6 +68,21 @@ def test_int8_converts_only_the_backbone_linears(method, tmp_path):
     assert sorted(prec.quantizable_nodes(proto)) == sorted(quant) or method in ("dtem", "patchmerger", "ltm")
 
 
+def test_dynamic_int8_keeps_the_patch_embedding_conv_float(tmp_path):
+    """onnxruntime's dynamic int8 Conv is slower than the float one (`dynamic_nodes`): the Conv stays
+    float, every backbone MatMul/Gemm is converted; static QDQ converts the Conv too."""
+    model = tomectl.apply(_small(), "tome", r=2)
+    export_onnx(model, tmp_path / "m.onnx", input_size=(3, 64, 64), check_inputs=torch.randn(2, 3, 64, 64),
+                simplify=False)
+    info = prec.to_int8(tmp_path / "m.onnx", tmp_path / "d.onnx", "dynamic")
+    assert info["quantized_nodes"] == 4 * 4 + 1
+    ops = [n.op_type for n in onnx.load(tmp_path / "d.onnx").graph.node]
+    assert "ConvInteger" not in ops and ops.count("Conv") == 1
+    assert ops.count("MatMulInteger") >= 4 * 4  # each block's four (onnxruntime may leave the head's Gemm)
+    info = prec.to_int8(tmp_path / "m.onnx", tmp_path / "s.onnx", "static", torch.randn(4, 3, 64, 64))
+    assert info["quantized_nodes"] == 1 + 4 * 4 + 1
+
+
 def _check_arrays(n=64, classes=10, seed=0):
     rng = np.random.default_rng(seed)
     unreduced = rng.standard_normal((n, classes))

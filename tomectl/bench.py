@@ -423,14 +423,16 @@ def _check_counts(warmup: int, iters: Optional[int], duration: Optional[float], 
 def export_for_bench(recipe: Recipe, batch: int, *, onnx_out: Path, engine_out: Optional[Path] = None,
                      weights=None, random_weights: bool = False, simplify: bool = True,
                      formulation: Optional[str] = None, precision: str = "fp32",
-                     exports: Optional[dict] = None) -> tuple[str, str]:
+                     exports: Optional[dict] = None, check_images=None) -> tuple[str, str]:
     """Export `recipe` at `batch` to `onnx_out` (and a TensorRT engine) through the one export
     pipeline (`Reduced.export_onnx`, what `tomectl export` writes for the same target), checked
     against PyTorch; returns (a one-line parity note, the sha256 of the timed file). UserError when
     the export fails.
 
     exports: a dict kept across calls (one bench run): the fp32 ONNX exports made so far, so that a
-    configuration's int8/fp16 graph is converted from its fp32 row's file instead of exported again."""
+    configuration's int8/fp16 graph is converted from its fp32 row's file instead of exported again.
+    check_images: the folder a reduced-precision graph is validated on (default: the shared train
+    images, where present)."""
     from .build import build
     from .export.precision import PrecisionOptions
 
@@ -439,7 +441,8 @@ def export_for_bench(recipe: Recipe, batch: int, *, onnx_out: Path, engine_out: 
     # ONNX in `precision` (validated against the unreduced model where the weights are real); an
     # engine is built from the fp32 graph in its own precision
     popts = PrecisionOptions(precision if engine_out is None else "fp32",
-                             validate=not reduced.loaded.random_weights, n_check=BENCH_PRECISION_CHECK)
+                             validate=not reduced.loaded.random_weights, n_check=BENCH_PRECISION_CHECK,
+                             calib_images=check_images)
     key = json.dumps([recipe.to_dict(), target.backend, batch, reduced.formulation, simplify, str(weights),
                       random_weights],
                      sort_keys=True, default=str)

@@ -278,8 +278,15 @@ def target_key(model_name: str, input_size: Sequence[int], backend: str, precisi
            "batch": batch, "threads": threads, "cpu": m.get("cpu"), "gpu": m.get("gpu"),
            "platform": platform.machine(), "tomectl": __version__,
            "torch": v.get("torch"), "onnxruntime": v.get("onnxruntime"), "schema": SCHEMA}
+    if backend.startswith("ort"):  # the graphs the exporter writes
+        from .export.onnx import GRAPH_REVISION
+
+        key["graph"] = GRAPH_REVISION
     if precision == "int8":
+        from .export.precision import INT8_GRAPH_REVISION
+
         key["int8_mode"] = int8_mode or "dynamic"
+        key["int8_graph"] = INT8_GRAPH_REVISION
     return key
 
 

@@ -88,6 +88,7 @@ class _Run:
     refresh: bool = False
     latency_model: Optional[dict] = None
     model_errors: list = field(default_factory=list)
+    images: Optional[str] = None  # the calibration images' folder
 
     def flops(self) -> tuple[list[Candidate], Candidate]:
         budget, space = self.budget, self.space
@@ -118,7 +119,8 @@ class _Run:
         self.latency_model = info
         reference = models["fp32"]
         models = {p: models[p] for p in asked}
-        judge = GraphJudge(self.model_name, b, self.weights, self.threads, self.weights_path)
+        judge = GraphJudge(self.model_name, b, self.weights, self.threads, self.weights_path,
+                           images=self.images)
         try:
             res = search_priced(self.space, self.scorer, models, b, judge, search_evals=self.search_evals,
                                 seed=self.seed, progress=self.progress, reference=reference)
@@ -217,9 +219,18 @@ def calibrate(
         scorer = _scorer(loaded, images, n_images, resize, progress)
     elif not budget.is_latency:
         raise UserError("a FLOPs budget is calibrated on images: pass --images DIR (unlabelled is fine)")
+    reduced_precision = [p for p in (budget.precisions or (budget.precision,)) if p != "fp32"]
+    if budget.is_latency and budget.backend != "trt" and reduced_precision and images is None \
+            and not loaded.random_weights:
+        from ..export.onnx import shared_calibration_dir
+
+        if shared_calibration_dir() is None:
+            raise UserError(f"{reduced_precision[0]} candidates are validated against the unreduced model on "
+                            "real images before they are timed: pass --images DIR")
     run = _Run(model_name, budget, space, scorer, search_evals, seed, threads, progress,
                loaded.weights.to_dict(), weights_path=None if weights is None else str(weights),
-               cache_dir=None if cache_dir is None else str(cache_dir), refresh=refresh_latency_model)
+               cache_dir=None if cache_dir is None else str(cache_dir), refresh=refresh_latency_model,
+               images=None if images is None else str(images))
     from ..latency_model import MODEL_BACKENDS
 
     if not budget.is_latency:

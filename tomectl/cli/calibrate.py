@@ -68,11 +68,13 @@ def calibrate(
                                             help="Budget: speedup over the unreduced model."),
     backend: str = typer.Option("torch", "--backend", help="Latency budgets: torch, ort or trt."),
     batch: int = typer.Option(1, "--batch", help="Latency budgets: batch size."),
-    precision: str = typer.Option("fp32", "--precision",
-                                  help="Latency budgets: the precision(s) of the graph timed, comma-"
-                                  "separated to search them with the schedule (fp32,int8 on ort; fp16 or "
-                                  "int8 engines on trt); the chosen one is recorded in the artifact for "
-                                  "export."),
+    precision: Optional[str] = typer.Option(None, "--precision",
+                                            help="Latency budgets: the precision(s) of the graph timed, "
+                                            "comma-separated to search them with the schedule (fp32,int8 "
+                                            "on ort; fp16 or int8 engines on trt); the chosen one is "
+                                            "recorded in the artifact for export. Default: fp32,int8 on "
+                                            "ort with --images (int8 graphs are validated on them), fp32 "
+                                            "otherwise."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir",
                                              help="Where the latency model of the target is cached "
                                              "(default $TOMECTL_CACHE_DIR/latency or "
@@ -93,6 +95,9 @@ def calibrate(
     json_: bool = common.Json,
 ) -> None:
     """Find the schedule that meets a FLOPs or latency budget with the least accuracy loss."""
+    if precision is None:
+        precision = lib.default_precision(backend, latency_ms is not None or speedup is not None,
+                                          images is not None)
     budget = lib.Budget.parse(flops, gmacs, latency_ms, speedup, backend, batch, precision)
     if budget.backend == "trt":
         from ..bench import check_backends
