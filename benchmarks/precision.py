@@ -499,10 +499,18 @@ def report(index, evals, sp, timing, cal, per_layer, cal_dir, cal_seconds, args,
         f"Speedup = fp32 unreduced median / configuration median, same model, batch, threads and round; "
         f"median over rounds [min-max over rounds]. Date {now()}.")
     say("")
-    say(f"Calibrated schedule: `tomectl calibrate {TINY} --flops {args.flops} --images "
-        f"../shared/data/imagenet-train-1000 --weights ...` -> method {cal.method}, per layer "
+    if args.calibrated:
+        cal_json = Path(args.calibrated) / "calibration.json"
+        budget = (json.loads(cal_json.read_text()).get("budget", {}).get("description", "?")
+                  if cal_json.is_file() else "?")
+        made = f"the artifact `{args.calibrated}` (budget: {budget})"
+    else:
+        made = (f"`tomectl calibrate {TINY} --flops {args.flops} --images "
+                f"../shared/data/imagenet-train-1000 --weights ...`")
+    say(f"Calibrated schedule: {made} -> method {cal.method}, per layer "
         f"{' '.join(map(str, per_layer))}" + (f" ({cal_seconds:.0f} s)" if cal_seconds else "") +
-        "; DeiT-S runs the same method and per-layer removals.")
+        "; DeiT-S runs the same method and per-layer removals. The precision columns convert this "
+        "schedule's fp32 graph whatever precision the artifact records.")
     say("")
     say(f"## DeiT-Tiny, shared real weights: agreement on all {n_val} shared val images (squash), speed")
     say("")

@@ -17,13 +17,13 @@ Everything else stays float.
 int8 for onnxruntime (`onnxruntime.quantization`):
 - "dynamic" (default): int8 weights, activations quantized at run time; no calibration; the patch
   embedding's convolution stays float (`dynamic_nodes`: onnxruntime's dynamic int8 Conv is slower
-  than the float one). The
-  default by measurement (`benchmarks/results/precision.md`: DeiT-Tiny, shared weights, onnxruntime
-  1.32 CPU, all 1,300 val images against the fp32 unreduced model): at every schedule it agrees
-  0.4-1.3 points more than static QDQ (r=13: 92.5 vs 92.5 %, calibrated: 96.8 vs 96.0 %, r=0:
-  97.9 vs 96.9 %, which tomectl's own check refuses for static), needs no calibration images, and
-  ran faster on DeiT-S at batch 8 (3.3x vs 3.2x with r=13, 2.4x vs 1.8x without); at batch 1 on
-  DeiT-Tiny the two ran within noise of each other (static 0-10 % faster at r=4-8 in one run).
+  than the float one). The default by measurement (`benchmarks/results/precision.md`, 2026-12-03:
+  DeiT-Tiny, shared weights, onnxruntime 1.32 CPU, all 1,300 val images against the fp32
+  unreduced model): at every schedule it agrees as much as static QDQ or more (r=13: 92.8 vs
+  92.5 %, r=8: 95.6 vs 94.9 %, r=0: 98.2 vs 96.9 %, which tomectl's own check refuses for
+  static), needs no calibration images, and ran faster at every schedule (DeiT-Tiny batch 1:
+  2.13x vs 1.91x with r=13, 1.64x vs 1.51x without; DeiT-S batch 8: 3.65x vs 2.86x, 2.28x vs
+  1.99x; medians of 3 rounds on a noisy machine).
 - "static": QDQ, per-channel weights, calibrated on images (`--calib-images`, default the shared
   train images) by Entropy or Percentile or MinMax; the format TensorRT 11 (strongly typed,
   explicit Q/DQ) builds int8 engines from.
