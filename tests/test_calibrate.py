@@ -167,7 +167,8 @@ def test_ort_latency_budgets_with_images_search_int8_by_default(monkeypatch, tmp
         (["--speedup", "1.5", "--backend", "ort"], ("fp32",)),
         (["--speedup", "1.5", "--backend", "torch", "--images", str(tmp_path)], ("fp32",)),
         (["--flops", "0.6", "--images", str(tmp_path)], ("fp32",)),
-        (["--speedup", "1.5", "--backend", "ort", "--images", str(tmp_path), "--precision", "fp32"], ("fp32",)),
+        (["--speedup", "1.5", "--backend", "ort", "--images", str(tmp_path), "--precision", "fp32"],
+         ("fp32",)),
     ]
     for args, want in cases:
         assert main(base + args) == 2

@@ -63,7 +63,8 @@ from .space import (
 __all__ = [
     "BACKENDS", "DEFAULT_IMAGES", "FINALISTS", "MAX_LATENCY_MEASUREMENTS", "PRECISIONS", "SCREEN_IMAGES",
     "Budget", "CalibrationResult", "Candidate", "LatencySearch", "ProgressFn", "Scorer", "Space",
-    "calibrate", "chosen_recipe", "default_precision", "families", "family_candidates", "markdown", "mutate", "plot_frontier",
+    "calibrate", "chosen_recipe", "default_precision", "families", "family_candidates", "markdown",
+    "mutate", "plot_frontier",
     "relax", "search_flops", "search_latency", "training_free_methods", "write_reports",
     # used by tests and benchmarks
     "_ceil", "_check_flops_feasible", "_check_methods", "_measure", "_space_for", "_spread",
