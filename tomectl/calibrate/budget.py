@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
@@ -18,14 +18,17 @@ PRECISIONS = ("fp32", "fp16", "int8")
 _PRECISION_BACKENDS = {"int8": ("trt", "ort", "ort-cuda", "ort-trt"), "fp16": ("trt", "ort-cuda", "ort-trt")}
 
 
-def default_precision(backend: str, latency: bool, images: bool) -> str:
-    """What `tomectl calibrate --precision` searches when it is not given: fp32 and int8 for a latency
-    budget on onnxruntime CPU with calibration images (the int8 graphs are validated on them), fp32
-    otherwise. Measured (`benchmarks/results/calibrate_latency.md`, DeiT-Tiny, shared weights,
-    onnxruntime CPU, batch 1, 1 thread, agreement with the unreduced model on 1,300 val images): at
+def default_precision(budget: "Budget", images: bool) -> "Budget":
+    """`budget` searching what `tomectl calibrate` searches when --precision is not given: fp32 and
+    int8 for a latency budget on onnxruntime CPU with calibration images (the int8 graphs are
+    validated on them), fp32 (the budget as parsed) otherwise. Measured
+    (`benchmarks/results/calibrate_latency.md`, DeiT-Tiny, shared weights, onnxruntime CPU, batch 1,
+    1 thread, agreement with the unreduced model on 1,300 val images): at
     --speedup 1.5 the fp32 search chose ToMe at 1.54x and 91.8 %, the fp32+int8 search the int8
     unreduced graph at 1.78x and 98.6 %; at --speedup 1.8, fp32 81.9 % against 97.9 %."""
-    return "fp32,int8" if latency and backend == "ort" and images else "fp32"
+    if budget.is_latency and budget.backend == "ort" and images:
+        return replace(budget, precision="fp32", precisions=("fp32", "int8"))
+    return budget
 
 
 @dataclass(frozen=True)

@@ -244,9 +244,9 @@ def search_priced(space: Space, scorer: Optional[Scorer], models: dict, budget: 
                                       and c.precision in prices
                                       and (c.precision == "fp32" or c.scored_on)
                                       and lm32.whole / c.predicted_ms >= aim
-                                      and all(c is not r for r in ranked)],
+                                      and id(c) not in {id(r) for r in ranked}],
                             key=Candidate.rank_key)
-        everything += [c for c in cands if _key(c) not in known]
+        everything += cands  # new schedules only (and the per-layer search's, none of them known)
         if not ranked:
             break
         best = ranked[0]

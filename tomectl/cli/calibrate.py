@@ -95,10 +95,9 @@ def calibrate(
     json_: bool = common.Json,
 ) -> None:
     """Find the schedule that meets a FLOPs or latency budget with the least accuracy loss."""
+    budget = lib.Budget.parse(flops, gmacs, latency_ms, speedup, backend, batch, precision or "fp32")
     if precision is None:
-        precision = lib.default_precision(backend, latency_ms is not None or speedup is not None,
-                                          images is not None)
-    budget = lib.Budget.parse(flops, gmacs, latency_ms, speedup, backend, batch, precision)
+        budget = lib.default_precision(budget, images is not None)
     if budget.backend == "trt":
         from ..bench import check_backends
 

@@ -125,9 +125,10 @@ def dynamic_nodes(model_proto, nodes: Sequence[str]) -> list[str]:
     return [n for n in nodes if n not in conv]
 
 
-def float_nodes(model_proto) -> list[str]:
-    """The MatMul/Gemm/Conv nodes that stay float in an int8 graph (the reduction's own)."""
-    keep = set(quantizable_nodes(model_proto))
+def float_nodes(model_proto, converted: Optional[Sequence[str]] = None) -> list[str]:
+    """The MatMul/Gemm/Conv nodes that stay float in an int8 graph: all but `converted` (default
+    the quantizable ones, so the reduction's own)."""
+    keep = set(quantizable_nodes(model_proto) if converted is None else converted)
     return [n.name for n in model_proto.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")
             and n.name not in keep]
 
@@ -195,7 +196,7 @@ def to_int8(src: Path, out: Path, mode: str = DEFAULT_INT8_MODE, calib: Optional
                               op_types_to_quantize=["MatMul", "Gemm", "Conv"], nodes_to_quantize=nodes,
                               activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
                               calibrate_method=method)
-    info = {"mode": mode, "quantized_nodes": len(nodes), "float_nodes": len(float_nodes(proto)),
+    info = {"mode": mode, "quantized_nodes": len(nodes), "float_nodes": len(float_nodes(proto, nodes)),
             "per_channel": mode == "static"}
     if mode == "static":
         info.update(calib_method=calib_method, calib_images=len(calib))
