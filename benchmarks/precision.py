@@ -5,7 +5,8 @@ against the fp32 unreduced model in PyTorch) and DeiT-S with random weights (spe
 onnxruntime CPU, batch 1 and 8, 1 and 2 threads:
 
     {fp32, int8 dynamic, int8 static (QDQ, per-channel, calibrated on 64 shared *train* images)}
-  x {r = 0, 4, 8, 13, a calibrated schedule (`tomectl calibrate --flops 0.7`)}
+  x {r = 0, 4, 8, 13, calibrated schedules (`tomectl calibrate` artifacts given with --calibrated,
+       labelled by their budget, e.g. "cal 2x"; default one made with `--flops 0.7`)}
   (+ r = 2, 6, 10 for DeiT-Tiny at batch 1, to trace the frontier)
 
 Every graph is what `tomectl export --onnx F --precision int8 [--int8-mode static]` writes: the
@@ -15,13 +16,14 @@ the reduction's decision nodes float. Beside them, the thing users must not do: 
 generic `quantize_static` (QDQ, per-channel, same 64 calibration images, its default MinMax
 calibration, every op type it supports) run over the whole fp32 graph.
 
-Latency: each configuration is timed in its own fresh process (one onnxruntime session, the
-options of `tomectl.runtime.ort_session`), all configurations round-robin in a shuffled order per
-round; a speedup is the fp32 unreduced graph's median latency (same model, batch and threads, same
-round) over the configuration's, and the table gives the median over rounds with the min-max
-over rounds. Accuracy is measured on the batch-1 graphs (the ones the goal is about).
+Latency: each round, the graphs of one (model, batch, threads) are timed side by side in one fresh
+process, in a shuffled order (`tomectl.bench.measure_side_by_side`: onnxruntime sessions with the
+options of `tomectl.runtime.ort_session`, the warm-up bench and calibrate use); a speedup is the
+fp32 unreduced graph's median latency (same model, batch, threads and round) over the
+configuration's, and the table gives the median over rounds with the min-max over rounds.
+Accuracy is measured on the batch-1 graphs (the ones the goal is about).
 
-    .venv/bin/python benchmarks/precision.py [--rounds 3] [--calibrated DIR] [--workdir /tmp/x]
+    .venv/bin/python benchmarks/precision.py [--rounds 5] [--calibrated DIR [DIR ...]] [--workdir /tmp/x]
 
 Results: benchmarks/results/precision.{md,json,png}; the table is printed too.
 """
@@ -48,47 +50,6 @@ PRECISIONS = ("fp32", "int8-dyn", "int8-static")
 N_CALIB, N_CHECK = 64, 256  # as `tomectl export --precision int8 --int8-mode static` picks them
 
 
-# --- child: time one graph ---------------------------------------------------------------------
-
-
-def time_graph(path: str, threads: int, warmup: int, duration: float, min_iters: int) -> dict:
-    """One onnxruntime session (tomectl.runtime.ort_session's options), warm-up runs, then timed
-    runs for `duration` seconds (at least `min_iters`). Imports only onnxruntime and numpy."""
-    import numpy as np
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0]
-    x = np.random.default_rng(0).standard_normal([int(d) for d in inp.shape]).astype(np.float32)
-    for _ in range(warmup):
-        sess.run(None, {inp.name: x})
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_iters or time.perf_counter() - start < duration:
-        t0 = time.perf_counter()
-        sess.run(None, {inp.name: x})
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return {"median_ms": statistics.median(times), "p10_ms": times[len(times) // 10],
-            "p90_ms": times[(9 * len(times)) // 10], "n": len(times)}
-
-
-def run_child(path: Path, threads: int, batch: int, args) -> dict:
-    env = dict(os.environ)
-    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[k] = str(threads)
-    dur = args.duration if batch == 1 else args.duration * 2
-    warm = 3 if batch == 1 else 1
-    cmd = [sys.executable, __file__, "--time", str(path), "--threads", str(threads), "--warmup", str(warm),
-           "--duration", str(dur), "--min-iters", "5" if batch == 1 else "3"]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 # --- parent: graphs ----------------------------------------------------------------------------
 
 
@@ -102,17 +63,33 @@ def sha256(path: Path) -> str:
     return sha256_of(path)
 
 
-def schedules(cal_dir: Path, args) -> dict:
-    """label -> recipe, per model. The calibrated schedule: the artifact's method and per-layer
-    removals (for DeiT-S the same removals, method and options on the DeiT-S model)."""
+def is_calibrated(label: str) -> bool:
+    return label.startswith("cal ")
+
+
+def calibrated_label(cal_dir: Path) -> str:
+    """"cal 2x", "cal 0.7F", ...: a calibrated schedule named by its artifact's budget."""
+    cal_json = Path(cal_dir) / "calibration.json"
+    b = json.loads(cal_json.read_text()).get("budget", {}) if cal_json.is_file() else {}
+    unit = {"speedup": "x", "flops": "F", "gmacs": "G", "latency_ms": "ms"}.get(b.get("kind"), "?")
+    return f"cal {b.get('value', '?'):g}{unit}" if "value" in b else f"cal {Path(cal_dir).name}"
+
+
+def schedules(cal_dirs: list[Path], args) -> tuple[dict, dict]:
+    """(label -> recipe per model, label -> the calibrated artifacts' {dir, recipe, per_layer}). A
+    calibrated schedule: its artifact's method and per-layer removals (for DeiT-S the same removals,
+    method and options on the DeiT-S model)."""
     import dataclasses
 
     from tomectl.artifact import read
     from tomectl.recipe import Recipe
     from tomectl.schedule import Schedule
 
-    cal, _ = read(cal_dir)
-    per_layer = list(cal.resolved["removed_per_layer"])
+    cals = {}
+    for cal_dir in cal_dirs:
+        cal, _ = read(cal_dir)
+        cals[calibrated_label(cal_dir)] = {"dir": cal_dir, "recipe": cal,
+                                           "per_layer": list(cal.resolved["removed_per_layer"])}
     out = {}
     for model in (TINY, SMALL):
         rs = [0, 4, 8, 13] if model == TINY else [r for r in args.small_r if r >= 0]
@@ -123,10 +100,12 @@ def schedules(cal_dir: Path, args) -> dict:
         if model == SMALL and -1 not in args.small_r:
             out[model] = d
             continue
-        d["calibrated"] = dataclasses.replace(cal, model=model, schedule=Schedule.make(per_layer=per_layer),
-                                              weights=None, resolved={}, learned=None)
+        for label, c in cals.items():
+            d[label] = dataclasses.replace(c["recipe"], model=model,
+                                           schedule=Schedule.make(per_layer=c["per_layer"]),
+                                           weights=None, resolved={}, learned=None)
         out[model] = d
-    return out, cal, per_layer
+    return out, cals
 
 
 def export_graphs(recipes: dict, workdir: Path, args) -> dict:
@@ -145,7 +124,7 @@ def export_graphs(recipes: dict, workdir: Path, args) -> dict:
     for model, recs in recipes.items():
         real = model == TINY
         for label, recipe in recs.items():
-            extra = label not in ("r=0", "r=4", "r=8", "r=13", "calibrated")
+            extra = label not in ("r=0", "r=4", "r=8", "r=13") and not is_calibrated(label)
             batches = args.tiny_batch if model == TINY else args.small_batch
             for batch in ([1] if extra else batches):
                 keys = {p: f"{model}|{label}|{p}|{batch}" for p in PRECISIONS}
@@ -157,7 +136,7 @@ def export_graphs(recipes: dict, workdir: Path, args) -> dict:
                 if model not in calib:  # the 64 images `tomectl export --int8-mode static` calibrates on
                     pre = models.preprocessing(reduced.model)
                     calib[model] = data.load_images(TRAIN, pre, N_CALIB + N_CHECK, resize="timm")[:N_CALIB]
-                stem = workdir / f"{model.split('_')[1]}_{label.replace('=', '')}_b{batch}"
+                stem = workdir / f"{model.split('_')[1]}_{label.replace('=', '').replace(' ', '')}_b{batch}"
                 fp32 = Path(f"{stem}_fp32.onnx")
                 res = reduced.export_onnx(fp32, atol=None if real else RANDOM_WEIGHTS_ATOL)
                 common = {"gmacs": reduced.macs_for(Target("ort")).gmacs, "gmacs_base": reduced.base_macs().gmacs,
@@ -288,18 +267,33 @@ def timing_configs(index: dict, args) -> list[tuple]:
 
 
 def time_all(index: dict, workdir: Path, args) -> dict:
-    cfgs = timing_configs(index, args)
+    """Each round: per (model, batch, threads), every graph of that group timed in one fresh process,
+    side by side in a shuffled order (`tomectl.bench.measure_side_by_side`: the warm-up until the
+    latency settles that bench and calibrate use, then `duration` seconds of calls per graph), so a
+    round's ratios compare graphs timed seconds apart and process-level effects vary across rounds."""
+    from tomectl.bench import measure_side_by_side
+    from tomectl.recipe import Recipe
+    from tomectl.schedule import Schedule
+
+    groups: dict = {}
+    for k, batch, t in timing_configs(index, args):
+        groups.setdefault((k.split("|")[0], batch, t), []).append(k)
     rng = random.Random(0)
-    runs: dict = {f"{k}|t{t}": [] for k, _, t in cfgs}
+    runs: dict = {f"{k}|t{t}": [] for (_, _, t), keys in groups.items() for k in keys}
     t_start = time.perf_counter()
     loads = [os.getloadavg()[0]]
     for rnd in range(args.rounds):
-        order = cfgs[:]
-        rng.shuffle(order)
-        for k, batch, t in order:
-            runs[f"{k}|t{t}"].append(run_child(Path(index[k]["path"]), t, batch, args))
+        for (model, batch, t), keys in groups.items():
+            order = keys[:]
+            rng.shuffle(order)
+            # the recipe only tells the worker the model's input size: onnxruntime runs the given graph
+            shape = Recipe(model, Schedule.make(r=0))
+            stats = measure_side_by_side([(shape, Path(index[k]["path"])) for k in order], "ort", batch,
+                                         threads=t, rounds=1, duration=args.duration * (2 if batch > 1 else 1))
+            for k, st in zip(order, stats, strict=True):
+                runs[f"{k}|t{t}"].append({"median_ms": st.p50, "p10_ms": st.p10, "p90_ms": st.p90, "n": st.n})
         loads.append(os.getloadavg()[0])
-        log(f"round {rnd + 1}/{args.rounds} done ({len(order)} configurations, "
+        log(f"round {rnd + 1}/{args.rounds} done ({len(runs)} configurations, "
             f"{time.perf_counter() - t_start:.0f} s so far, load {loads[-1]:.1f})")
     (workdir / "timing.json").write_text(json.dumps({"runs": runs, "loads": loads}, indent=1))
     return {"runs": runs, "loads": loads, "seconds": time.perf_counter() - t_start}
@@ -329,7 +323,7 @@ PREC_NAME = {"fp32": "fp32", "int8-dyn": "int8 dynamic", "int8-static": "int8 st
 
 def order_labels(labels) -> list[str]:
     def key(lab):
-        return (1, 0) if lab == "calibrated" else (0, int(lab.split("=")[1]))
+        return (1, lab) if is_calibrated(lab) else (0, int(lab.split("=")[1]))
 
     return sorted(set(labels), key=key)
 
@@ -385,7 +379,7 @@ def plot(pts: list[dict], path: Path, title: str) -> None:
                     fmt=mk + ("-" if prec != "generic-static" else ""), color=col, label=name, ms=6,
                     capsize=2, lw=1, alpha=0.9)
         for p in ps:
-            ax.annotate(p["label"].replace("calibrated", "cal"), (p["speedup"], 100 * p["agreement"]),
+            ax.annotate(p["label"], (p["speedup"], 100 * p["agreement"]),
                         textcoords="offset points", xytext=(4, 4), fontsize=7, color=col)
     front = pareto([p for p in pts if p["precision"] != "generic-static"])
     ax.plot([p["speedup"] for p in front], [100 * p["agreement"] for p in front], "k--", lw=0.8,
@@ -420,44 +414,39 @@ def plot(pts: list[dict], path: Path, title: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--duration", type=float, default=1.0, help="seconds timed per process (x2 at batch 8)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--duration", type=float, default=1.0, help="seconds of calls per graph and round (x2 at batch 8)")
     ap.add_argument("--tiny-batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--small-batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--small-r", type=int, nargs="+", default=[0, 4, 8, 13, -1],
-                    help="DeiT-S schedules (-1: the calibrated one)")
+                    help="DeiT-S schedules (-1: the calibrated ones)")
     ap.add_argument("--generic-r", nargs="+", default=["r=13"], help="graphs the generic quantizer is run on")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--extra-r", type=int, nargs="*", default=[2, 6, 10],
                     help="more constant r for DeiT-Tiny at batch 1 (frontier tracing)")
-    ap.add_argument("--calibrated", type=Path, help="a `tomectl calibrate` artifact (default: made here)")
+    ap.add_argument("--calibrated", type=Path, nargs="+",
+                    help="`tomectl calibrate` artifacts (default: one made here with --flops)")
     ap.add_argument("--flops", type=float, default=0.7, help="budget of the calibrated schedule")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/tomectl-precision"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "precision")
     ap.add_argument("--limit", type=int, default=None, help="val images (default all)")
     ap.add_argument("--skip-timing", action="store_true", help="reuse WORKDIR/timing.json")
-    ap.add_argument("--time", help=argparse.SUPPRESS)
-    ap.add_argument("--warmup", type=int, default=3, help=argparse.SUPPRESS)
-    ap.add_argument("--min-iters", type=int, default=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.time:
-        print(json.dumps(time_graph(args.time, args.threads[0], args.warmup, args.duration, args.min_iters)))
-        return 0
     if not (WEIGHTS.is_file() and VAL.is_dir() and TRAIN.is_dir()):
         print(f"skipped: needs {WEIGHTS}, {VAL} and {TRAIN}", file=sys.stderr)
         return 0
     t_all = time.perf_counter()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    cal_dir = args.calibrated or args.workdir / f"calibrated_{args.flops}"
+    cal_dir = args.workdir / f"calibrated_{args.flops}"
     cal_seconds = None
-    if not (cal_dir / "recipe.yaml").is_file():
+    if not args.calibrated and not (cal_dir / "recipe.yaml").is_file():
         log(f"tomectl calibrate {TINY} --flops {args.flops} (train images) ...")
         t0 = time.perf_counter()
         subprocess.run([str(Path(sys.executable).with_name("tomectl")), "calibrate", TINY, "--flops",
                         str(args.flops), "--images", str(TRAIN), "--weights", str(WEIGHTS), "--out", str(cal_dir)],
                        check=True)
         cal_seconds = time.perf_counter() - t0
-    recipes, cal, per_layer = schedules(cal_dir, args)
+    recipes, cals = schedules(args.calibrated or [cal_dir], args)
     index = export_graphs(recipes, args.workdir, args)
     evals = evaluate(index, args.workdir, args)
     if args.skip_timing and (args.workdir / "timing.json").is_file():
@@ -467,11 +456,11 @@ def main() -> int:
     else:
         timing = time_all(index, args.workdir, args)
     sp = speedups(timing["runs"], args.rounds)
-    report(index, evals, sp, timing, cal, per_layer, cal_dir, cal_seconds, args, time.perf_counter() - t_all)
+    report(index, evals, sp, timing, cals, cal_seconds, args, time.perf_counter() - t_all)
     return 0
 
 
-def report(index, evals, sp, timing, cal, per_layer, cal_dir, cal_seconds, args, total_s) -> None:
+def report(index, evals, sp, timing, cals, cal_seconds, args, total_s) -> None:
     from tomectl.export.precision import DEFAULT_MARGIN
     from tomectl.provenance import machine, now, versions
 
@@ -494,23 +483,25 @@ def report(index, evals, sp, timing, cal, per_layer, cal_dir, cal_seconds, args,
     say("")
     say(f"onnxruntime {versions().get('onnxruntime', '')} CPU, {machine().get('cpu_count')} cores shared with "
         f"other work (1-minute load average {min(timing['loads']):.1f}-{max(timing['loads']):.1f} during "
-        f"timing), {args.rounds} rounds round-robin, every configuration in its own process per round "
-        f"(~{args.duration:g} s timed per process at batch 1, {2 * args.duration:g} s at batch 8). "
+        f"timing), {args.rounds} rounds; each round times the graphs of one model, batch and thread count "
+        f"side by side in one fresh process, in a shuffled order (~{args.duration:g} s of calls per graph "
+        f"at batch 1, {2 * args.duration:g} s at batch 8, after a warm-up until the latency settles). "
         f"Speedup = fp32 unreduced median / configuration median, same model, batch, threads and round; "
         f"median over rounds [min-max over rounds]. Date {now()}.")
     say("")
-    if args.calibrated:
-        cal_json = Path(args.calibrated) / "calibration.json"
-        budget = (json.loads(cal_json.read_text()).get("budget", {}).get("description", "?")
-                  if cal_json.is_file() else "?")
-        made = f"the artifact `{args.calibrated}` (budget: {budget})"
-    else:
-        made = (f"`tomectl calibrate {TINY} --flops {args.flops} --images "
-                f"../shared/data/imagenet-train-1000 --weights ...`")
-    say(f"Calibrated schedule: {made} -> method {cal.method}, per layer "
-        f"{' '.join(map(str, per_layer))}" + (f" ({cal_seconds:.0f} s)" if cal_seconds else "") +
-        "; DeiT-S runs the same method and per-layer removals. The precision columns convert this "
-        "schedule's fp32 graph whatever precision the artifact records.")
+    say("Calibrated schedules (DeiT-S runs the same method and per-layer removals; the precision columns "
+        "convert each schedule's fp32 graph whatever precision its artifact records):")
+    say("")
+    for label, c in cals.items():
+        cal_json = Path(c["dir"]) / "calibration.json"
+        doc = json.loads(cal_json.read_text()) if cal_json.is_file() else {}
+        budget = doc.get("budget", {}).get("description", "?")
+        chosen = doc.get("chosen") or {}
+        made = (f"the artifact `{c['dir']}` (budget: {budget}; chosen in {chosen.get('precision', 'fp32')})"
+                if args.calibrated else
+                f"`tomectl calibrate {TINY} --flops {args.flops} --images ../shared/data/imagenet-train-1000 "
+                f"--weights ...`" + (f" ({cal_seconds:.0f} s)" if cal_seconds else ""))
+        say(f"- {label}: {made} -> method {c['recipe'].method}, per layer {' '.join(map(str, c['per_layer']))}")
     say("")
     say(f"## DeiT-Tiny, shared real weights: agreement on all {n_val} shared val images (squash), speed")
     say("")
@@ -638,8 +629,10 @@ def report(index, evals, sp, timing, cal, per_layer, cal_dir, cal_seconds, args,
     out.with_suffix(".md").write_text(text)
     doc = {"config": {"rounds": args.rounds, "duration_s": args.duration, "batches": {"tiny": args.tiny_batch, "small": args.small_batch},
                       "threads": args.threads, "extra_r": args.extra_r, "flops_budget": args.flops,
-                      "calibrated": {"method": cal.method, "removed_per_layer": per_layer,
-                                     "options": cal.method_options},
+                      "calibrated": {label: {"artifact": str(c["dir"]), "method": c["recipe"].method,
+                                             "removed_per_layer": c["per_layer"],
+                                             "options": c["recipe"].method_options}
+                                     for label, c in cals.items()},
                       "n_calib": N_CALIB, "val_images": n_val},
            "graphs": {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in index.items()},
            "evals": evals, "speedups": sp, "timing": timing, "goals": goals,
@@ -654,7 +647,8 @@ def report(index, evals, sp, timing, cal, per_layer, cal_dir, cal_seconds, args,
 def readme_section(index, evals, sp, args, gen, goals) -> str:
     """The draft of README's "Deploying in reduced precision" section, filled with this run's figures."""
     rows = []
-    for lab in ("r=0", "r=4", "r=8", "r=13", "calibrated"):
+    cal_labels = order_labels(k.split("|")[1] for k in evals if is_calibrated(k.split("|")[1]))
+    for lab in ("r=0", "r=4", "r=8", "r=13", *cal_labels):
         for prec in PRECISIONS:
             k = f"{TINY}|{lab}|{prec}|1"
             if k not in evals:

@@ -29,6 +29,11 @@ def mlp(n):
     return 0.006 * n + 0.05
 
 
+def bias(n):
+    """Proportional attention's cost: paid by blocks after the first reduction (tokens have sizes)."""
+    return 0.001 * n + 0.01
+
+
 def merge(method, regime, n, r):
     """The decision + merge's own cost: linear in n and in r / capacity (so interpolation is exact)."""
     cap = get_method(method).capacity(n, P)
@@ -43,12 +48,13 @@ def synthetic_worker(spec):
     reduce = {}
     for pr in probes:
         if pr.kind == "reduce":
-            ms = attn(pr.n) + mlp(pr.n - pr.r) + merge(pr.method, pr.regime, pr.n, pr.r)
+            ms = attn(pr.n) + bias(pr.n) + mlp(pr.n - pr.r) + merge(pr.method, pr.regime, pr.n, pr.r)
             reduce.setdefault(pr.method, {}).setdefault(pr.regime, {})[(pr.n, pr.r)] = ms
     grid = L.token_grid(N, P)
     whole = 1.1 * (FIXED + LAYERS * (attn(N) + mlp(N)))  # the whole graph: 10 % off the parts' sum
     model = L.LatencyModel(key=spec["key"], n_tokens=N, protected=P, n_layers=LAYERS, fixed=FIXED, call=CALL,
                            whole=whole, block={n: attn(n) + mlp(n) for n in grid},
+                           sized_block={n: attn(n) + bias(n) + mlp(n) for n in grid},
                            mlp={n: mlp(n) for n in grid},
                            reduce=reduce, capacity=caps, regimes=regimes, spread=0.01)
     spec.setdefault("calls", []).append(1)
@@ -57,11 +63,13 @@ def synthetic_worker(spec):
 
 def formula(method, removed):
     m = get_method(method)
-    n, total = N, FIXED
+    n, total, sized = N, FIXED, False
     for i, r in enumerate(removed):
         regime = m.cost_regime(i, LAYERS)
-        total += attn(n) + mlp(n - r) + (merge(method, regime, n, r) if r else 0.0)
+        total += attn(n) + (bias(n) if sized else 0.0) + mlp(n - r)
+        total += merge(method, regime, n, r) if r else 0.0
         n -= r
+        sized = sized or r > 0
     return total
 
 
@@ -100,6 +108,34 @@ def test_prediction_falls_with_removals_and_tofu_regimes_differ(table):
     assert table.regimes["tofu"][0] == "prune" and table.regimes["tofu"][-1] == "merge"
     assert table.predict_raw("tofu", early) == pytest.approx(formula("tofu", early), rel=1e-9)
     assert table.predict_raw("tofu", late) == pytest.approx(formula("tofu", late), rel=1e-9)
+
+
+def test_merge_cost_is_exact_where_block_time_is_not_linear_in_tokens():
+    # a block whose attention has steps between grid points (as GEMM kernels have at some row counts):
+    # a merge's own cost is read at the reduce grid's points against a block timed at the same count,
+    # so the steps cancel instead of landing in the merge (they did when the reduce grid sat between
+    # token-grid points, where block(n) was interpolated)
+    def stepped(n):
+        return attn(n) + 0.3 * ((n // 17) % 2)
+
+    grid = L.token_grid(N, P)
+    methods = {m: get_method(m) for m in training_free_methods()}
+    probes, caps, regimes = L.plan_probes(N, P, LAYERS, methods)
+    reduce = {}
+    for pr in probes:
+        if pr.kind == "reduce":
+            assert pr.n in grid
+            ms = stepped(pr.n) + bias(pr.n) + mlp(pr.n - pr.r) + merge(pr.method, pr.regime, pr.n, pr.r)
+            reduce.setdefault(pr.method, {}).setdefault(pr.regime, {})[(pr.n, pr.r)] = ms
+    lm = L.LatencyModel(key={}, n_tokens=N, protected=P, n_layers=LAYERS, fixed=FIXED, call=CALL, whole=1.0,
+                        block={n: stepped(n) + mlp(n) for n in grid}, mlp={n: mlp(n) for n in grid},
+                        sized_block={n: stepped(n) + bias(n) + mlp(n) for n in grid},
+                        reduce=reduce, capacity=caps, regimes=regimes)
+    for method, regs in reduce.items():
+        for regime, points in regs.items():
+            for n, r in points:
+                want = merge(method, regime, n, r)
+                assert lm.merge_ms(method, regime, n, r) == pytest.approx(want, abs=1e-9)
 
 
 def test_anchored_moves_every_prediction_by_one_factor(table):

@@ -7,7 +7,10 @@ timed on the real backend, in a process of their own (`python -m tomectl.latency
 every probe round-robin with the others so that drift of a shared machine hits them alike:
 
 - ``fixed``: patch and position embedding, final norm and head (paid once by every schedule);
-- ``block(n)``: one plain block at n tokens, on a grid of token counts;
+- ``block(n)``: one plain block at n tokens, on a grid of token counts, as blocks run before any
+  reduction (every token of size 1: no attention bias);
+- ``sblock(n)``: the same block with token sizes, as blocks run after the first reduction
+  (proportional attention adds the log-size bias to the scores);
 - ``mlp(n)``: the MLP half of a block at n tokens (what removing tokens before it saves);
 - ``reduce[method][regime](n, r)``: one block at n tokens that removes r tokens with the method
   (its decision and merge sit between the attention and the MLP), on a grid of (n, r); a method
@@ -17,12 +20,14 @@ every probe round-robin with the others so that drift of a shared machine hits t
 - ``whole``: the unreduced model, one call.
 
 A schedule's predicted latency (`LatencyModel.predict_raw`) is ``fixed`` plus, per block,
-``block(n)`` where it removes nothing and ``block(n) - mlp(n) + mlp(n - r) + merge(n, r)`` where it
-removes r, ``merge(n, r) = reduce(n, r) - block(n) + mlp(n) - mlp(n - r)`` being the decision and
-merge's own time at the grid points, interpolated linearly in r (as a fraction of what the method can
-remove there), then in n. `predict` scales that by ``whole / predict_raw(unreduced)``: what the
-probes miss (one call instead of thirteen, caches warm across blocks, fusions across block
-boundaries) is close to a constant factor of the whole, the same for every schedule.
+``b(n)`` where it removes nothing and ``b(n) - mlp(n) + mlp(n - r) + merge(n, r)`` where it removes
+r, ``b`` being ``block`` up to the first block that removes tokens and ``sblock`` after it, and
+``merge(n, r) = reduce(n, r) - sblock(n) + mlp(n) - mlp(n - r)`` the decision and merge's own time
+at the grid points (the reduce probes run with sizes, at token counts of the grid), interpolated
+linearly in r (as a fraction of what the method can remove there), then in n. `predict` scales that
+by ``whole / predict_raw(unreduced)``: what the probes miss (one call instead of thirteen, caches
+warm across blocks, fusions across block boundaries) is close to a constant factor of the whole, the
+same for every schedule.
 
 Graph backends (onnxruntime) time the graph tomectl exports: every probe is one chain in a single
 ONNX export (one exporter run instead of dozens), each probe's subgraph is cut out by its boundary
@@ -42,6 +47,7 @@ import bisect
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -52,12 +58,19 @@ from typing import Callable, Optional, Sequence
 
 from .errors import UserError
 
-SCHEMA = 1
+SCHEMA = 2  # 2: the reduce probes sit on the token grid; blocks with sizes timed apart (sblock)
 MODEL_BACKENDS = ("torch", "torch-compile", "torch-cuda", "ort", "ort-cuda", "ort-trt")
 TOKEN_FRACTIONS = (1.0, 0.82, 0.64, 0.48, 0.34, 0.22, 0.11, 0.0)  # of the free tokens
-REDUCE_FRACTIONS = (1.0, 0.55, 0.25)  # token counts of the reduce grid
+# token counts of the reduce grid: points of the token grid, so that a merge's own cost is the
+# difference of two probes timed at the same count (`LatencyModel.merge_ms`)
+REDUCE_FRACTIONS = (1.0, 0.48, 0.22)
 REMOVE_FRACTIONS = (0.0, 0.5, 1.0)  # of the method's capacity at that count (0.0: one token)
 WORKER_TIMEOUT_S = 3600
+# Rounds of the probes, each in its own shuffled order: a merge's time is the difference of two
+# probes timed apart, and drift of a shared machine comes in bursts of seconds (eager torch, DeiT-Tiny
+# batch 1: blocks moved by 10-15 % between rounds). With 5 rounds in a fixed order, torch tables put
+# some merges at -0.5 ms; ten shuffled rounds spread each burst over every probe.
+ROUNDS = 10
 STACK = 10  # probes per ONNX export
 
 
@@ -85,7 +98,7 @@ class LatencyModel:
     fixed: float
     call: float
     whole: float
-    block: dict[int, float]  # tokens -> ms
+    block: dict[int, float]  # tokens -> ms (no token sizes yet: no attention bias)
     mlp: dict[int, float]  # tokens -> ms
     reduce: dict[str, dict[str, dict[tuple[int, int], float]]]  # method -> regime -> (n, r) -> ms
     capacity: dict[str, dict[int, int]] = field(default_factory=dict)  # method -> n -> most removable
@@ -93,14 +106,16 @@ class LatencyModel:
     spread: float = 0.0  # median (p90 - p10) / p50 of the probes
     seconds: float = 0.0  # how long the measurement took
     created: str = ""
+    sized_block: dict[int, float] = field(default_factory=dict)  # tokens -> ms, with sizes (empty: `block`)
 
     # -- interpolation --
     def _curve(self, table: dict[int, float], n: float) -> float:
         xs = sorted(table)
         return _interp(xs, [table[k] for k in xs], n)
 
-    def block_ms(self, n: float) -> float:
-        return self._curve(self.block, n)
+    def block_ms(self, n: float, sized: bool = False) -> float:
+        """One block at n tokens that removes nothing; `sized`: after a reduction (attention bias)."""
+        return self._curve(self.sized_block if sized and self.sized_block else self.block, n)
 
     def mlp_ms(self, n: float) -> float:
         return self._curve(self.mlp, n)
@@ -116,7 +131,7 @@ class LatencyModel:
         grid = self.reduce[method][regime]
         rows: dict[int, list[tuple[float, float]]] = {}
         for (gn, gr), ms in grid.items():
-            own = ms - self.block_ms(gn) + self.mlp_ms(gn) - self.mlp_ms(gn - gr)
+            own = ms - self.block_ms(gn, sized=True) + self.mlp_ms(gn) - self.mlp_ms(gn - gr)
             rows.setdefault(gn, []).append((gr / self._cap(method, gn), own))
         u = r / self._cap(method, n)
         ns = sorted(rows)
@@ -126,11 +141,12 @@ class LatencyModel:
             at.append(_interp([p[0] for p in pts], [p[1] for p in pts], u))
         return _interp(ns, at, n)
 
-    def block_with(self, method: str, regime: str, n: int, r: int) -> float:
-        """One block at n tokens that removes r (0: a plain block)."""
+    def block_with(self, method: str, regime: str, n: int, r: int, sized: bool = False) -> float:
+        """One block at n tokens that removes r (0: a plain block); `sized`: a reduction came before."""
+        block = self.block_ms(n, sized)
         if r <= 0:
-            return self.block_ms(n)
-        return self.block_ms(n) - self.mlp_ms(n) + self.mlp_ms(n - r) + self.merge_ms(method, regime, n, r)
+            return block
+        return block - self.mlp_ms(n) + self.mlp_ms(n - r) + self.merge_ms(method, regime, n, r)
 
     # -- prediction --
     def predict_raw(self, method: str, removed: Sequence[int]) -> float:
@@ -140,10 +156,11 @@ class LatencyModel:
         if method not in self.reduce and any(removed):
             raise KeyError(f"the latency model has no measurements of method {method!r}")
         regimes = self.regimes.get(method) or ["all"] * self.n_layers
-        n, total = self.n_tokens, self.fixed
+        n, total, sized = self.n_tokens, self.fixed, False
         for i, r in enumerate(removed):
-            total += self.block_with(method, regimes[i], n, r)
+            total += self.block_with(method, regimes[i], n, r, sized)
             n -= r
+            sized = sized or r > 0
         return total
 
     @property
@@ -165,6 +182,7 @@ class LatencyModel:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["block"] = {str(k): v for k, v in self.block.items()}
+        d["sized_block"] = {str(k): v for k, v in self.sized_block.items()}
         d["mlp"] = {str(k): v for k, v in self.mlp.items()}
         d["reduce"] = {m: {g: [[n, r, ms] for (n, r), ms in sorted(t.items())] for g, t in regs.items()}
                        for m, regs in self.reduce.items()}
@@ -180,6 +198,7 @@ class LatencyModel:
             n_layers=int(d["n_layers"]), fixed=float(d["fixed"]), call=float(d["call"]),
             whole=float(d["whole"]),
             block={int(k): float(v) for k, v in d["block"].items()},
+            sized_block={int(k): float(v) for k, v in d.get("sized_block", {}).items()},
             mlp={int(k): float(v) for k, v in d["mlp"].items()},
             reduce={m: {g: {(int(n), int(r)): float(ms) for n, r, ms in rows} for g, rows in regs.items()}
                     for m, regs in d["reduce"].items()},
@@ -193,19 +212,30 @@ class LatencyModel:
 # --- the grid -----------------------------------------------------------------------------------
 
 
+def _grid_count(n_tokens: int, protected: int, f: float) -> int:
+    """The token count at fraction `f` of the free tokens (at least one free token)."""
+    return max(protected + 1, round(protected + 1 + (n_tokens - protected - 1) * f))
+
+
 def token_grid(n_tokens: int, protected: int) -> list[int]:
     """Token counts block(n) and mlp(n) are measured at (n_tokens down to protected + 1)."""
-    free = n_tokens - protected
-    return sorted({max(protected + 1, round(protected + 1 + (free - 1) * f)) for f in TOKEN_FRACTIONS})
+    return sorted({_grid_count(n_tokens, protected, f) for f in TOKEN_FRACTIONS})
 
 
 def reduce_grid(n_tokens: int, protected: int,
                 capacity: Callable[[int, int], int]) -> list[tuple[int, int]]:
-    """(n, r) points a method's reduce probes are measured at."""
-    free = n_tokens - protected
+    """(n, r) points a method's reduce probes are measured at: n on the token grid.
+
+    A merge's own time is a small difference of two block-sized probes (`LatencyModel.merge_ms`);
+    where block(n) had to be interpolated between grid points, its interpolation error (a block's
+    time is not linear in n between grid points: measured up to 0.3 ms on onnxruntime, DeiT-Tiny)
+    was as large as the merge itself (0.3-0.4 ms at batch 1), and the int8 table under-predicted
+    schedules with many small merges by up to 18 %."""
     out = []
     for f in REDUCE_FRACTIONS:
-        n = max(protected + 3, round(protected + free * f))
+        n = _grid_count(n_tokens, protected, f)
+        if n < protected + 3:  # nothing to match
+            continue
         cap = capacity(n, protected)
         if cap < 1:
             continue
@@ -216,7 +246,7 @@ def reduce_grid(n_tokens: int, protected: int,
 
 @dataclass(frozen=True)
 class Probe:
-    """One thing timed: kind "fixed" | "call" | "block" | "mlp" | "reduce" | "whole"."""
+    """One thing timed: kind "fixed" | "call" | "block" | "sblock" | "mlp" | "reduce" | "whole"."""
 
     kind: str
     n: int = 0
@@ -229,7 +259,7 @@ class Probe:
     def name(self) -> str:
         if self.kind == "reduce":
             return f"reduce-{self.method}-{self.regime}-{self.n}-{self.r}"
-        return f"{self.kind}-{self.n}" if self.kind in ("block", "mlp") else self.kind
+        return f"{self.kind}-{self.n}" if self.kind in ("block", "sblock", "mlp") else self.kind
 
 
 def plan_probes(n_tokens: int, protected: int, n_layers: int,
@@ -239,7 +269,7 @@ def plan_probes(n_tokens: int, protected: int, n_layers: int,
     `methods`: name -> ReductionMethod (for capacity, acting layers and cost regimes)."""
     probes = [Probe("call", n_tokens), Probe("fixed"), Probe("whole")]
     grid = token_grid(n_tokens, protected)
-    probes += [Probe("block", n) for n in grid] + [Probe("mlp", n) for n in grid]
+    probes += [Probe(kind, n) for kind in ("block", "sblock", "mlp") for n in grid]
     caps: dict = {}
     regimes: dict = {}
     for name, m in methods.items():
@@ -337,7 +367,7 @@ def check_backend(backend: str) -> None:
 
 def latency_model(model_name: str, backend: str = "ort", *, precision: str = "fp32", batch: int = 1,
                   threads: Optional[int] = None, methods: Optional[Sequence[str]] = None,
-                  cache_dir: Optional[str | Path] = None, rounds: int = 5, refresh: bool = False,
+                  cache_dir: Optional[str | Path] = None, rounds: int = ROUNDS, refresh: bool = False,
                   int8_mode: Optional[str] = None, progress=None, worker=None) -> tuple[LatencyModel, bool]:
     """The latency model of a target: (model, whether it came from the cache).
 
@@ -427,14 +457,14 @@ def _probe_modules(model, probes: list[Probe], methods: dict):
             return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
     class Block(Part):
-        def __init__(self, method=None, amount=0, layer=0):
+        def __init__(self, method=None, amount=0, layer=0, sized=True):
             super().__init__()
-            self.method, self.amount, self.layer = method, amount, layer
+            self.method, self.amount, self.layer, self.sized = method, amount, layer, sized
 
         def forward(self, x):
-            # sizes as after a merge (so proportional attention's bias is paid), from x so that no
-            # exporter folds them away
-            state = TokenState(protected=p, size=x[..., :1] * 0.0 + 1.0)
+            # sized: sizes as after a merge (so proportional attention's bias is paid), from x so that
+            # no exporter folds them away; else as before any reduction (no sizes, no bias)
+            state = TokenState(protected=p, size=x[..., :1] * 0.0 + 1.0 if self.sized else None)
             return vit.run_block(self.model, 0, x, state, self.amount, self.method, self.layer)
 
     out = {}
@@ -445,8 +475,8 @@ def _probe_modules(model, probes: list[Probe], methods: dict):
             out[pr.name] = Call()
         elif pr.kind == "mlp":
             out[pr.name] = Mlp()
-        elif pr.kind == "block":
-            out[pr.name] = Block()
+        elif pr.kind in ("block", "sblock"):
+            out[pr.name] = Block(sized=pr.kind == "sblock")
         elif pr.kind == "reduce":
             out[pr.name] = Block(methods[pr.method], pr.r, pr.layer)
         elif pr.kind == "whole":
@@ -648,8 +678,11 @@ def measure_worker(spec: dict) -> dict:
     samples: dict[str, list[float]] = {p.name: [] for p in probes}
     for fn in fns.values():  # first calls (allocation, compilation) before any timing
         fn()
-    for _ in range(spec.get("rounds", 5)):
-        for pr in probes:
+    order = list(probes)
+    shuffle = random.Random(0).shuffle
+    for _ in range(spec.get("rounds", ROUNDS)):
+        shuffle(order)
+        for pr in order:
             samples[pr.name] += time_loop(fns[pr.name], 3, None, 0.05, lambda: None)
     stats = {k: LatencyStats.of(v) for k, v in samples.items()}
     ms = {k: s.p50 for k, s in stats.items()}
@@ -667,6 +700,7 @@ def measure_worker(spec: dict) -> dict:
         key=spec["key"], n_tokens=n_tokens, protected=protected, n_layers=n_layers, fixed=own("fixed"),
         call=call, whole=ms["whole"],
         block={p.n: own(p.name) for p in probes if p.kind == "block"},
+        sized_block={p.n: own(p.name) for p in probes if p.kind == "sblock"},
         mlp={p.n: own(p.name) for p in probes if p.kind == "mlp"},
         reduce=reduce, capacity=caps, regimes=regimes, spread=spreads[len(spreads) // 2],
         seconds=time.perf_counter() - t0, created=now(),
