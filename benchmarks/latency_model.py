@@ -4,8 +4,9 @@ For each backend: the target's latency model (`tomectl.latency_model`, measured 
 N random schedules of every training-free method, each timed as a whole model side by side with the
 unreduced model (one process, round-robin: `bench.measure_side_by_side`, as calibration times its
 finalists, but 9 rounds of 0.5 s per graph instead of 5 of 0.4 s: what is judged here is the model,
-so the measurement it is judged against must be the tighter of the two). Predicted = the model anchored on the unreduced model's time in the same process (what
-calibration does); "raw" = the table alone, anchored on its own measurement of the whole model.
+so the measurement it is judged against must be the tighter of the two). Predicted = the model
+anchored on the unreduced model's time in the same process (what calibration does); "raw" = the
+table alone, anchored on its own measurement of the whole model.
 
     python benchmarks/latency_model.py [--backends ort,torch] [--schedules 20] [--threads 1]
     python benchmarks/latency_model.py --backends ort --precision int8 --out .../latency_model_int8
