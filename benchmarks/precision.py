@@ -67,16 +67,22 @@ def is_calibrated(label: str) -> bool:
     return label.startswith("cal ")
 
 
-def calibrated_label(cal_dir: Path) -> str:
-    """"cal 2x", "cal 0.7F", ...: a calibrated schedule named by its artifact's budget."""
+def calibration_doc(cal_dir: Path) -> dict:
+    """The artifact's calibration.json ({} where it has none)."""
     cal_json = Path(cal_dir) / "calibration.json"
-    b = json.loads(cal_json.read_text()).get("budget", {}) if cal_json.is_file() else {}
+    return json.loads(cal_json.read_text()) if cal_json.is_file() else {}
+
+
+def calibrated_label(cal_dir: Path, doc: dict) -> str:
+    """"cal 2x", "cal 0.7F", ...: a calibrated schedule named by its artifact's budget (`doc`: its
+    calibration.json)."""
+    b = doc.get("budget", {})
     unit = {"speedup": "x", "flops": "F", "gmacs": "G", "latency_ms": "ms"}.get(b.get("kind"), "?")
     return f"cal {b.get('value', '?'):g}{unit}" if "value" in b else f"cal {Path(cal_dir).name}"
 
 
 def schedules(cal_dirs: list[Path], args) -> tuple[dict, dict]:
-    """(label -> recipe per model, label -> the calibrated artifacts' {dir, recipe, per_layer}). A
+    """(label -> recipe per model, label -> the calibrated artifacts' {dir, recipe, doc, per_layer}). A
     calibrated schedule: its artifact's method and per-layer removals (for DeiT-S the same removals,
     method and options on the DeiT-S model)."""
     import dataclasses
@@ -88,8 +94,9 @@ def schedules(cal_dirs: list[Path], args) -> tuple[dict, dict]:
     cals = {}
     for cal_dir in cal_dirs:
         cal, _ = read(cal_dir)
-        cals[calibrated_label(cal_dir)] = {"dir": cal_dir, "recipe": cal,
-                                           "per_layer": list(cal.resolved["removed_per_layer"])}
+        doc = calibration_doc(cal_dir)
+        cals[calibrated_label(cal_dir, doc)] = {"dir": cal_dir, "recipe": cal, "doc": doc,
+                                                "per_layer": list(cal.resolved["removed_per_layer"])}
     out = {}
     for model in (TINY, SMALL):
         rs = [0, 4, 8, 13] if model == TINY else [r for r in args.small_r if r >= 0]
@@ -282,12 +289,13 @@ def time_all(index: dict, workdir: Path, args) -> dict:
     runs: dict = {f"{k}|t{t}": [] for (_, _, t), keys in groups.items() for k in keys}
     t_start = time.perf_counter()
     loads = [os.getloadavg()[0]]
+    # a recipe per model only tells the worker the model's input size: onnxruntime runs the given graph
+    shapes = {model: Recipe(model, Schedule.make(r=0)) for model, _, _ in groups}
     for rnd in range(args.rounds):
         for (model, batch, t), keys in groups.items():
             order = keys[:]
             rng.shuffle(order)
-            # the recipe only tells the worker the model's input size: onnxruntime runs the given graph
-            shape = Recipe(model, Schedule.make(r=0))
+            shape = shapes[model]
             stats = measure_side_by_side([(shape, Path(index[k]["path"])) for k in order], "ort", batch,
                                          threads=t, rounds=1, duration=args.duration * (2 if batch > 1 else 1))
             for k, st in zip(order, stats, strict=True):
@@ -493,10 +501,8 @@ def report(index, evals, sp, timing, cals, cal_seconds, args, total_s) -> None:
         "convert each schedule's fp32 graph whatever precision its artifact records):")
     say("")
     for label, c in cals.items():
-        cal_json = Path(c["dir"]) / "calibration.json"
-        doc = json.loads(cal_json.read_text()) if cal_json.is_file() else {}
-        budget = doc.get("budget", {}).get("description", "?")
-        chosen = doc.get("chosen") or {}
+        budget = c["doc"].get("budget", {}).get("description", "?")
+        chosen = c["doc"].get("chosen") or {}
         made = (f"the artifact `{c['dir']}` (budget: {budget}; chosen in {chosen.get('precision', 'fp32')})"
                 if args.calibrated else
                 f"`tomectl calibrate {TINY} --flops {args.flops} --images ../shared/data/imagenet-train-1000 "

@@ -99,6 +99,7 @@ class LatencyModel:
     call: float
     whole: float
     block: dict[int, float]  # tokens -> ms (no token sizes yet: no attention bias)
+    sized_block: dict[int, float]  # tokens -> ms, with sizes (after a reduction: the attention bias)
     mlp: dict[int, float]  # tokens -> ms
     reduce: dict[str, dict[str, dict[tuple[int, int], float]]]  # method -> regime -> (n, r) -> ms
     capacity: dict[str, dict[int, int]] = field(default_factory=dict)  # method -> n -> most removable
@@ -106,7 +107,6 @@ class LatencyModel:
     spread: float = 0.0  # median (p90 - p10) / p50 of the probes
     seconds: float = 0.0  # how long the measurement took
     created: str = ""
-    sized_block: dict[int, float] = field(default_factory=dict)  # tokens -> ms, with sizes (empty: `block`)
 
     # -- interpolation --
     def _curve(self, table: dict[int, float], n: float) -> float:
@@ -115,7 +115,7 @@ class LatencyModel:
 
     def block_ms(self, n: float, sized: bool = False) -> float:
         """One block at n tokens that removes nothing; `sized`: after a reduction (attention bias)."""
-        return self._curve(self.sized_block if sized and self.sized_block else self.block, n)
+        return self._curve(self.sized_block if sized else self.block, n)
 
     def mlp_ms(self, n: float) -> float:
         return self._curve(self.mlp, n)
@@ -198,7 +198,7 @@ class LatencyModel:
             n_layers=int(d["n_layers"]), fixed=float(d["fixed"]), call=float(d["call"]),
             whole=float(d["whole"]),
             block={int(k): float(v) for k, v in d["block"].items()},
-            sized_block={int(k): float(v) for k, v in d.get("sized_block", {}).items()},
+            sized_block={int(k): float(v) for k, v in d["sized_block"].items()},
             mlp={int(k): float(v) for k, v in d["mlp"].items()},
             reduce={m: {g: {(int(n), int(r)): float(ms) for n, r, ms in rows} for g, rows in regs.items()}
                     for m, regs in d["reduce"].items()},
