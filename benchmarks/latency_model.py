@@ -2,11 +2,14 @@
 
 For each backend: the target's latency model (`tomectl.latency_model`, measured or cached), then
 N random schedules of every training-free method, each timed as a whole model side by side with the
-unreduced model (one process, round-robin: `bench.measure_side_by_side`, as calibration times its
-finalists, but 9 rounds of 0.5 s per graph instead of 5 of 0.4 s: what is judged here is the model,
-so the measurement it is judged against must be the tighter of the two). Predicted = the model
-anchored on the unreduced model's time in the same process (what calibration does); "raw" = the
-table alone, anchored on its own measurement of the whole model.
+unreduced model (`bench.time_side_by_side`, as calibration times its finalists, but 9 rounds of 0.5 s
+per graph over 3 fresh processes instead of 6 of 0.4 s: what is judged here is the model, so the
+measurement it is judged against must be the tighter of the two). Measured = the unreduced model's
+time times the median over rounds of the schedule's ratio to it within the round. Predicted = the
+model anchored on the unreduced model's time (what calibration does); "raw" = the table alone,
+anchored on its own measurement of the whole model; "gap as a share" = the earlier anchoring (the
+whole graph's gap over its parts scaled with the schedule instead of added in ms), on the same
+measurements.
 
     python benchmarks/latency_model.py [--backends ort,torch] [--schedules 20] [--threads 1]
     python benchmarks/latency_model.py --backends ort --precision int8 --out .../latency_model_int8
@@ -34,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import onnx  # noqa: E402
 import torch  # noqa: E402
 
-from tomectl.bench import measure_side_by_side  # noqa: E402
+from tomectl.bench import time_side_by_side  # noqa: E402
 from tomectl.build import build  # noqa: E402
 from tomectl.calibrate.space import _space_for, training_free_methods  # noqa: E402
 from tomectl.export.onnx import export_graph  # noqa: E402
@@ -64,7 +67,7 @@ def random_schedule(space, method: str, rng: random.Random) -> tuple[int, ...]:
 
 
 def run_backend(model_name: str, backend: str, n_sched: int, threads: int, seed: int, cache_dir,
-                precision: str = "fp32", rounds: int = 9, duration: float = 0.5) -> dict:
+                precision: str = "fp32", rounds: int = 9, duration: float = 0.5, processes: int = 3) -> dict:
     loaded = create(model_name, random_weights=True)
     methods = training_free_methods()
     formulation = "onehot" if backend.startswith("ort") else "scatter"
@@ -98,19 +101,29 @@ def run_backend(model_name: str, backend: str, n_sched: int, threads: int, seed:
         for g0 in range(0, len(scheds), GROUP):
             part = scheds[g0:g0 + GROUP]
             configs = [base] + [graph(g0 + k, m, r) for k, (m, r) in enumerate(part)]
-            stats = measure_side_by_side(configs, backend, 1, threads=threads, random_weights=True,
-                                         rounds=rounds, duration=duration)
-            now = lm.anchored(stats[0].p50)
-            for (m, r), st in zip(part, stats[1:], strict=True):
+            timed = time_side_by_side(configs, backend, 1, threads=threads, random_weights=True,
+                                      rounds=rounds, duration=duration, processes=processes)
+            stats = timed.stats
+            base_ms = stats[0].p50
+            now = lm.anchored(base_ms)
+            for k, ((m, r), st) in enumerate(zip(part, stats[1:], strict=True), start=1):
+                # measured: the unreduced model's time times the median over rounds of the schedule's
+                # ratio to it in the same round (pooled p50 alongside)
+                measured = base_ms * timed.ratio(k)
                 pred, raw = now.predict(m, r), lm.predict(m, r)
-                rows.append({"method": m, "removed": list(r), "measured_ms": st.p50, "spread": st.spread,
-                             "predicted_ms": pred, "error": pred / st.p50 - 1, "raw_ms": raw,
-                             "raw_error": raw / st.p50 - 1, "base_ms": stats[0].p50})
+                parts = lm.predict_raw(m, r)
+                share = parts * base_ms / lm.base_raw  # the earlier anchoring: the gap as a share
+                rows.append({"method": m, "removed": list(r), "measured_ms": measured, "pooled_ms": st.p50,
+                             "spread": st.spread, "predicted_ms": pred, "error": pred / measured - 1,
+                             "raw_ms": raw, "raw_error": raw / measured - 1, "parts_ms": parts,
+                             "share_predicted_ms": share, "share_error": share / measured - 1,
+                             "base_ms": base_ms})
             print(f"{backend}: {len(rows)}/{len(scheds)} schedules timed", flush=True)
     return {"backend": backend, "precision": precision, "threads": threads, "model_cached": cached,
             "rounds": rounds, "duration_s": duration,
             "model_seconds": round(lm_s, 1),
-            "table_whole_ms": lm.whole, "probe_spread": lm.spread, "rows": rows}
+            "processes": processes, "table_whole_ms": lm.whole, "table_parts_ms": lm.base_raw,
+            "probe_spread": lm.spread, "rows": rows}
 
 
 def summarise(res: dict) -> list[str]:
@@ -118,8 +131,9 @@ def summarise(res: dict) -> list[str]:
     lines = [f"### {res['backend']} {res.get('precision', 'fp32')} (threads {res['threads']}; "
              f"latency model {how}, "
              f"probe spread {res['probe_spread']:.1%})", "",
-             "| method | schedules | median abs error | worst abs error | median raw error | median spread |",
-             "|---|---|---|---|---|---|"]
+             "| method | schedules | median abs error | worst abs error | mean error | median raw error | "
+             "gap as a share: median / worst / mean | median spread |",
+             "|---|---|---|---|---|---|---|---|"]
     by = {}
     for r in res["rows"]:
         by.setdefault(r["method"], []).append(r)
@@ -127,7 +141,11 @@ def summarise(res: dict) -> list[str]:
     for m, rows in by.items():
         errs = sorted(abs(r["error"]) for r in rows)
         raw = statistics.median(abs(r["raw_error"]) for r in rows)
-        lines.append(f"| {m} | {len(rows)} | {statistics.median(errs):.1%} | {errs[-1]:.1%} | {raw:.1%} | "
+        share = sorted(abs(r["share_error"]) for r in rows)
+        lines.append(f"| {m} | {len(rows)} | {statistics.median(errs):.1%} | {errs[-1]:.1%} | "
+                     f"{statistics.mean(r['error'] for r in rows):+.1%} | {raw:.1%} | "
+                     f"{statistics.median(share):.1%} / {share[-1]:.1%} / "
+                     f"{statistics.mean(r['share_error'] for r in rows):+.1%} | "
                      f"{statistics.median(r['spread'] for r in rows):.1%} |")
     return lines + [""]
 
@@ -143,14 +161,16 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--rounds", type=int, default=9, help="rounds of the side-by-side timing of each group")
     ap.add_argument("--duration", type=float, default=0.5, help="seconds of calls per graph and round")
+    ap.add_argument("--processes", type=int, default=3, help="fresh processes the rounds are split over")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency_model"))
     a = ap.parse_args()
     results = [run_backend(a.model, b, a.schedules, a.threads, a.seed, a.cache_dir, a.precision, a.rounds,
-                           a.duration) for b in a.backends.split(",")]
+                           a.duration, a.processes) for b in a.backends.split(",")]
     md = [f"# Latency model: predicted vs measured whole-model latency, {a.model}, batch 1", "",
-          f"Each schedule timed side by side with the unreduced model (one process, round-robin, {a.rounds} "
-          f"rounds of {a.duration:g} s per graph); predicted = the latency model anchored on that unreduced "
-          "time. Random weights.", ""]
+          f"Each schedule timed side by side with the unreduced model (round-robin, {a.rounds} "
+          f"rounds of {a.duration:g} s per graph over {a.processes} fresh processes; measured: the median "
+          "over rounds of the ratio to the unreduced model in the round); predicted = the latency model "
+          "anchored on that unreduced time. Random weights.", ""]
     for res in results:
         md += summarise(res)
     out = Path(a.out)

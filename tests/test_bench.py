@@ -321,3 +321,31 @@ def test_time_all_primes_once_and_keeps_rounds_apart(monkeypatch, tmp_path):
     assert samples[("torch", 1, "r=0")] == [[2.0, 2.0], [4.0, 4.0]]  # call 1 (the prime) not kept
     assert samples[("torch", 1, "r=13")] == [[3.0, 3.0], [5.0, 5.0]]
     assert len(results[("torch", 1, "r=13")]["rounds"]) == 2
+
+
+def test_side_by_side_splits_rounds_over_fresh_processes(monkeypatch):
+    # 7 rounds over 3 processes: 3, 2, 2 rounds, each process its own seed; the ratio is the median
+    # over rounds of the two configurations timed in one round, so one process whose state slows the
+    # second graph (its rounds: 0.9 instead of 0.6) moves it less than the pooled medians
+    specs = []
+
+    def fake_run_isolated(spec, workdir):
+        specs.append((spec["rounds"], spec["seed"]))
+        slow = len(specs) == 3
+        row = [10.0, 9.0 if slow else 6.0][:len(spec["configs"])]
+        return {"samples_ms": [[v] * spec["rounds"] for v in row],
+                "rounds": [list(row) for _ in range(spec["rounds"])], "threads": 1}
+
+    monkeypatch.setattr(bench, "run_isolated", fake_run_isolated)
+    rec = Recipe(model=TINY, schedule=Schedule.make(r=0), method="tome")
+    timed = bench.time_side_by_side([(rec, None), (rec, None)], "torch", 1, rounds=7, processes=3, threads=1)
+    assert specs == [(3, 0), (2, 1), (2, 2)]
+    assert timed.processes == 3 and len(timed.rounds) == 7
+    assert timed.ratio(1) == pytest.approx(0.6)
+    assert [s.n for s in timed.stats] == [7, 7]
+    # one process where there are fewer rounds than processes; the list API is the pooled stats
+    specs.clear()
+    stats = bench.measure_side_by_side([(rec, None)], "torch", 1, rounds=1, threads=1)
+    assert specs == [(1, 0)] and len(stats) == 1
+    with pytest.raises(ValueError):
+        bench.time_side_by_side([(rec, None)], "torch", 1, rounds=0, threads=1)

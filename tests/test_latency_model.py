@@ -19,6 +19,7 @@ from tomectl.reduce import get_method
 
 N, P, LAYERS = 197, 1, 12
 FIXED, CALL = 0.7, 0.02
+GAP = 1.1  # what the whole graph costs beyond its parts (weights streamed per call), in ms
 
 
 def attn(n):
@@ -51,7 +52,7 @@ def synthetic_worker(spec):
             ms = attn(pr.n) + bias(pr.n) + mlp(pr.n - pr.r) + merge(pr.method, pr.regime, pr.n, pr.r)
             reduce.setdefault(pr.method, {}).setdefault(pr.regime, {})[(pr.n, pr.r)] = ms
     grid = L.token_grid(N, P)
-    whole = 1.1 * (FIXED + LAYERS * (attn(N) + mlp(N)))  # the whole graph: 10 % off the parts' sum
+    whole = FIXED + LAYERS * (attn(N) + mlp(N)) + GAP
     model = L.LatencyModel(key=spec["key"], n_tokens=N, protected=P, n_layers=LAYERS, fixed=FIXED, call=CALL,
                            whole=whole, block={n: attn(n) + mlp(n) for n in grid},
                            sized_block={n: attn(n) + bias(n) + mlp(n) for n in grid},
@@ -93,9 +94,9 @@ def table(tmp_path_factory):
 def test_prediction_is_the_sum_of_the_parts(table, method, removed):
     # the parts are linear where the grid interpolates, so the sum must come out exactly
     assert table.predict_raw(method, removed) == pytest.approx(formula(method, removed), rel=1e-9)
-    # anchored: scaled by whole / predicted unreduced, for every schedule alike
-    scale = table.whole / formula(method, [0] * LAYERS)
-    assert table.predict(method, removed) == pytest.approx(formula(method, removed) * scale, rel=1e-9)
+    # the whole graph's gap over its parts is added in ms, the same for every schedule
+    assert table.gap == pytest.approx(GAP, rel=1e-9)
+    assert table.predict(method, removed) == pytest.approx(formula(method, removed) + GAP, rel=1e-9)
 
 
 def test_prediction_falls_with_removals_and_tofu_regimes_differ(table):
@@ -142,6 +143,23 @@ def test_anchored_moves_every_prediction_by_one_factor(table):
     moved = table.anchored(table.whole * 1.3)
     for removed in ([13] * 11 + [0], [0] * 12):
         assert moved.predict("tome", removed) == pytest.approx(1.3 * table.predict("tome", removed))
+    # anchoring again is relative to the table, not to the last anchor; the gap stays the table's
+    again = moved.anchored(table.whole * 0.9)
+    r13 = [13] * 11 + [0]
+    assert again.predict("tome", r13) == pytest.approx(0.9 * table.predict("tome", r13))
+    assert again.gap == pytest.approx(table.gap)
+    back = L.LatencyModel.from_dict(json.loads(json.dumps(again.to_dict())))
+    assert back.predict("bat", [0, 0, 0, 60, 0, 0, 0, 0, 0, 0, 0, 0]) == pytest.approx(
+        again.predict("bat", [0, 0, 0, 60, 0, 0, 0, 0, 0, 0, 0, 0]))
+
+
+def test_a_strong_schedule_keeps_the_whole_gap_in_ms(table):
+    # a schedule at half the parts' time still pays the whole gap: a share of the whole (the earlier
+    # anchoring) would have put it at half, under-predicting every strong schedule
+    strong = [0, 0, 0, 150, 0, 0, 0, 0, 0, 0, 0, 0]
+    parts = formula("evit", strong)
+    assert parts < 0.6 * formula("evit", [0] * LAYERS)
+    assert table.predict("evit", strong) - parts == pytest.approx(GAP, rel=1e-9)
 
 
 def test_bad_schedules_and_unknown_methods(table):
@@ -243,13 +261,12 @@ class FakeMeter:
     def __init__(self, table, drift=1.0, bias=None):
         self.table, self.drift, self.bias = table, drift, bias or {}
         self.calls = []
-        self.whole_raw = formula("tome", [0] * LAYERS)
 
     def __call__(self, cands):
         self.calls.append([(c.method, c.removed) for c in cands])
         out = []
         for c in cands:
-            ms = formula(c.method, c.removed) * self.table.whole / self.whole_raw * self.drift
+            ms = (formula(c.method, c.removed) + GAP) * self.drift
             ms *= self.bias.get(c.method, 1.0) if any(c.removed) else 1.0
             out.append(SimpleNamespace(p50=ms, spread=0.02, graph_sha256=None))
         return out

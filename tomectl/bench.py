@@ -91,6 +91,7 @@ STABLE_TOL = 0.05
 WIDE_CI = 2.0
 CI_LEVEL = 0.95
 N_BOOT = 1000
+SIDE_BY_SIDE_PROCESSES = 3  # fresh processes side-by-side timings are split over (`time_side_by_side`)
 # ToMe's matching is a discrete choice: with random weights near-ties are common, and rounding that
 # differs between PyTorch and onnxruntime flips one now and then (measured on DeiT-T r=13: 2 of 16
 # images off by 2e-3 and 5e-3, the other 14 within 1e-6). The graph's cost does not depend on which
@@ -846,21 +847,52 @@ def measure_latency(
     return dataclasses.replace(LatencyStats.of(res["samples_ms"]), graph_sha256=sha)
 
 
+@dataclass(frozen=True)
+class SideBySide:
+    """Configurations timed side by side: `stats` pooled over every round of every process (in the
+    configurations' order), `rounds` each round's median per configuration (rows of all processes)."""
+
+    stats: list[LatencyStats]
+    rounds: list[list[float]]
+    processes: int
+
+    def ratio(self, k: int, base: int = 0) -> float:
+        """Configuration k's time over `base`'s: the median over rounds of the two timed in one round
+        (a process whose state slows some graphs more than others is one or two rounds of many)."""
+        import statistics
+
+        return statistics.median(row[k] / row[base] for row in self.rounds)
+
+
 def measure_side_by_side(configs: Sequence[tuple[Recipe, Optional[str | Path]]], backend: str = "torch",
-                         batch: int = 1, *, threads: Optional[int] = None, rounds: int = 5,
-                         duration: float = 0.4, weights: Optional[str | Path] = None,
-                         random_weights: bool = True) -> list[LatencyStats]:
-    """Latency of several configurations (recipe, its ONNX graph for the ort backends) timed in one
-    fresh process, round-robin `rounds` times (for calibration's finalists beside the unreduced
-    model: their ratio is what a speedup budget judges). Stats in the order given, each with the
-    sha256 of its graph."""
+                         batch: int = 1, **kw) -> list[LatencyStats]:
+    """`time_side_by_side`'s pooled stats, in the order given."""
+    return time_side_by_side(configs, backend, batch, **kw).stats
+
+
+def time_side_by_side(configs: Sequence[tuple[Recipe, Optional[str | Path]]], backend: str = "torch",
+                      batch: int = 1, *, threads: Optional[int] = None, rounds: int = 6,
+                      duration: float = 0.4, processes: int = SIDE_BY_SIDE_PROCESSES,
+                      weights: Optional[str | Path] = None, random_weights: bool = True) -> SideBySide:
+    """Latency of several configurations (recipe, its ONNX graph for the ort backends) timed
+    round-robin, `rounds` rounds in all, split over `processes` fresh processes one after the other
+    (for calibration's finalists beside the unreduced model: their ratio is what a speedup budget
+    judges). Stats in the order given, each with the sha256 of its graph.
+
+    Several processes, because the ratio of two graphs timed in one process moves with that process:
+    onnxruntime CPU, DeiT-Tiny int8 batch 1, the same six graphs timed in one process after another
+    gave one BAT schedule 0.78x and 0.83x of the unreduced model, and a run during a busy spell of
+    the machine 0.92-1.03x for schedules that measured 0.85-0.95x in the others."""
     from .build import build
     from .models import preprocessing, sha256_of
 
     threads = threads or _default_threads()
     check_backends([backend])
     if not configs:
-        return []
+        return SideBySide([], [], 0)
+    if rounds < 1 or processes < 1:
+        raise ValueError("side-by-side timing needs at least one round in one process")
+    processes = min(processes, rounds)
     built = build(configs[0][0], weights=weights, random_weights=random_weights)
     spec = {"backend": backend, "batch": batch, "input_size": list(preprocessing(built.model)["input_size"]),
             "threads": threads, "warmup": WARMUP_MIN_CALLS, "warmup_s": WARMUP_MIN_S / 2,
@@ -874,12 +906,21 @@ def measure_side_by_side(configs: Sequence[tuple[Recipe, Optional[str | Path]]],
                 raise ValueError("the ort backends time a given ONNX graph")
             c["onnx"] = str(onnx)
         spec["configs"].append(c)
-    workdir = Path(tempfile.mkdtemp(prefix="tomectl-lat-"))
-    try:
-        res = run_isolated(spec, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    if "error" in res:
-        raise UserError(f"could not time {configs[0][0].model} on {backend}: {res['error']}")
-    return [dataclasses.replace(LatencyStats.of(s), graph_sha256=None if onnx is None else sha256_of(onnx))
-            for s, (_, onnx) in zip(res["samples_ms"], configs, strict=True)]
+    samples: list[list[float]] = [[] for _ in configs]
+    per_round: list[list[float]] = []
+    for p in range(processes):
+        # rounds spread as evenly as they go: 7 over 3 processes is 3, 2, 2
+        spec["rounds"], spec["seed"] = rounds // processes + (p < rounds % processes), p
+        workdir = Path(tempfile.mkdtemp(prefix="tomectl-lat-"))
+        try:
+            res = run_isolated(spec, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        if "error" in res:
+            raise UserError(f"could not time {configs[0][0].model} on {backend}: {res['error']}")
+        for k, got in enumerate(res["samples_ms"]):
+            samples[k] += got
+        per_round += res["rounds"]
+    stats = [dataclasses.replace(LatencyStats.of(s), graph_sha256=None if onnx is None else sha256_of(onnx))
+             for s, (_, onnx) in zip(samples, configs, strict=True)]
+    return SideBySide(stats, per_round, processes)

@@ -13,6 +13,7 @@ disturbing the next. The parent side is `tomectl.bench.run_isolated`.
 from __future__ import annotations
 
 import json
+import random
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -220,9 +221,10 @@ def run_worker(spec: dict) -> dict:
 
 def run_side_by_side(spec: dict) -> dict:
     """Time several configurations in this one process, round-robin (`spec["configs"]`, each a
-    spec as for `run_worker`; `spec["rounds"]`): {samples_ms: [per config], rounds: [[per round
-    p50 per config]]}. Drift of the machine then hits every configuration alike, so their ratios
-    hold even where absolute times move."""
+    spec as for `run_worker`; `spec["rounds"]`, each in a shuffled order seeded by `spec["seed"]`):
+    {samples_ms: [per config], rounds: [[per round p50 per config, in the configs' order]]}. Drift
+    of the machine then hits every configuration alike, so their ratios hold even where absolute
+    times move."""
     import statistics
 
     import torch
@@ -242,14 +244,19 @@ def run_side_by_side(spec: dict) -> dict:
         fns.append((fn, sync))
     samples: list[list[float]] = [[] for _ in fns]
     per_round = []
+    # each round in its own order (seeded): no configuration always follows the same other one
+    order = list(range(len(fns)))
+    shuffle = random.Random(spec.get("seed", 0)).shuffle
     for _ in range(spec.get("rounds", 5)):
-        row = []
-        for k, (fn, sync) in enumerate(fns):
+        row = [0.0] * len(fns)
+        shuffle(order)
+        for k in order:
+            fn, sync = fns[k]
             got = time_loop(fn, spec["warmup"], spec.get("iters"), spec.get("duration"), sync,
                             warmup_s=spec.get("warmup_s", 0.0),
                             warmup_max_s=spec.get("warmup_max_s", WARMUP_MAX_S))
             samples[k] += got
-            row.append(statistics.median(got))
+            row[k] = statistics.median(got)
         per_round.append(row)
     return {"samples_ms": samples, "rounds": per_round, "threads": spec["threads"]}
 

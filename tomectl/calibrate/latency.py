@@ -1,6 +1,6 @@
 """The search for a latency budget, priced by the target's latency model (`tomectl.latency_model`).
 
-1. Budgets are ratios to the unreduced fp32 model timed in the same process (a ``--latency-ms``
+1. Budgets are ratios to the unreduced fp32 model timed in the same rounds (a ``--latency-ms``
    budget: the unreduced time over it), because a shared machine moves absolute times between
    processes far more than the ratio of two configurations timed round-robin in one.
 2. Every training-free method, schedule shape and precision asked for is pushed to the weakest
@@ -84,7 +84,8 @@ class GraphJudge:
         return self.files[key]
 
     def measure(self, cands: list[Candidate]) -> list:
-        """Latency stats of `cands`, timed side by side (one process, round-robin)."""
+        """Latency stats of `cands`, timed side by side (round-robin, 6 rounds over 3 fresh processes:
+        `bench.time_side_by_side`)."""
         from ..bench import measure_side_by_side
 
         ort = self.budget.backend.startswith("ort")
@@ -172,9 +173,10 @@ def search_priced(space: Space, scorer: Optional[Scorer], models: dict, budget: 
     model (default models["fp32"]). `measure(candidates)` -> their stats timed side by side
     (default: `judge.measure`).
 
-    Everything is judged in ratios to the unreduced fp32 model timed in the same process: a shared
+    Everything is judged in ratios to the unreduced fp32 model timed in the same rounds: a shared
     machine moves absolute times between processes by tens of percent, while the ratio of two
-    configurations timed round-robin in one process holds. A ``--latency-ms`` budget becomes the
+    configurations timed round-robin holds far better (and better still over several processes:
+    `bench.time_side_by_side`). A ``--latency-ms`` budget becomes the
     ratio (unreduced time / budget), the unreduced time measured beside each finalist."""
     measure = measure or judge.measure
     notes: list[str] = []

@@ -112,7 +112,8 @@ class _Run:
                                        cache_dir=self.cache_dir, refresh=self.refresh, progress=self.progress)
             models[p] = lm
             info[p] = {"key": lm.key, "cached": cached, "probe_spread": round(lm.spread, 4),
-                       "seconds": round(lm.seconds, 1), "whole_ms": round(lm.whole, 4)}
+                       "seconds": round(lm.seconds, 1), "whole_ms": round(lm.whole, 4),
+                       "gap_ms": round(lm.gap, 4)}
             if not cached:
                 self.notes.append(f"measured the latency model of {b.backend} {p} batch {b.batch} "
                                   f"({lm.seconds:.0f} s; cached for the next run)")
