@@ -4,7 +4,7 @@ For each (backend, budget): `tomectl calibrate --speedup S` on DeiT-Tiny with th
 (256 training images for scoring; the latency model from the cache, or measured once), then,
 independently of the calibration:
 - the chosen schedule, its constant-r ToMe twin and the unreduced model timed side by side in a
-  fresh process (`bench.measure_side_by_side`, 5 rounds): the measured speedup;
+  7 rounds over 3 fresh processes (`bench.measure_side_by_side`): the measured speedup;
 - top-1 agreement with the unreduced fp32 model on all 1,300 shared val images (95 % Wilson
   interval), of the graph that is deployed: the exported ONNX graph (in the chosen precision) for
   onnxruntime, the PyTorch model for torch.

@@ -169,6 +169,27 @@ def test_bad_schedules_and_unknown_methods(table):
         table.predict("dtem", [1] * 12)
 
 
+def test_a_noisy_table_is_measured_again_and_the_quieter_kept(tmp_path):
+    spreads = [0.47, 0.08]
+
+    def worker(spec):
+        d = synthetic_worker(spec)
+        d["spread"] = spreads.pop(0)
+        return d
+
+    lm, _ = L.latency_model("deit_tiny_patch16_224", "torch", threads=1, cache_dir=tmp_path, worker=worker)
+    assert lm.spread == 0.08 and not spreads
+    # a quiet table is measured once; a second measurement no quieter keeps the first
+    spreads[:] = [0.05, 0.9]
+    lm, _ = L.latency_model("deit_tiny_patch16_224", "torch", threads=1, cache_dir=tmp_path, worker=worker,
+                            refresh=True)
+    assert lm.spread == 0.05 and spreads == [0.9]
+    spreads[:] = [0.3, 0.4]
+    lm, _ = L.latency_model("deit_tiny_patch16_224", "torch", threads=1, cache_dir=tmp_path, worker=worker,
+                            refresh=True)
+    assert lm.spread == 0.3 and not spreads
+
+
 def test_cache_round_trip_key_and_corruption(tmp_path):
     spec_calls = []
 

@@ -82,6 +82,11 @@ WORKER_TIMEOUT_S = 3600
 # some merges at -0.5 ms; ten shuffled rounds spread each burst over every probe.
 ROUNDS = 10
 STACK = 10  # probes per ONNX export
+# A table whose probes spread more than this ((p90 - p10) / p50, the median probe) is measured again
+# once, the quieter kept: eager torch, DeiT-Tiny batch 1, a table measured through a busy spell of
+# the VM (spread 47 %) priced 20 random schedules per method with a worst error of 13 %, one
+# measured an hour later (spread 8 %) within 5.7 %, against the same kind of measurement.
+NOISY_TABLE = 0.25
 
 
 # --- the table and its arithmetic (pure: no torch) ------------------------------------------------
@@ -415,6 +420,11 @@ def latency_model(model_name: str, backend: str = "ort", *, precision: str = "fp
         progress("latency model", 0, 1)
     t0 = time.perf_counter()
     res = (worker or _run_worker)(spec)
+    if "error" not in res and res.get("spread", 0.0) > NOISY_TABLE:
+        # measured through a busy spell: once more, and the quieter of the two is kept
+        again = (worker or _run_worker)(spec)
+        if "error" not in again and again.get("spread", 0.0) < res["spread"]:
+            res = again
     if "error" in res:
         raise UserError(f"could not measure the latency model of {model_name} on {backend}: {res['error']}")
     res["seconds"] = round(time.perf_counter() - t0, 1)
