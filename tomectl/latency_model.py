@@ -37,7 +37,7 @@ and BAT schedules that keep 25 % of the tokens after block 3 (13.6 and 11.5 ms) 
 int8. A share of the whole (the earlier anchoring) put that gap at 0.4 ms for the strongest of
 them: every strong schedule was under-predicted, BAT most. `anchored(ms)` then scales everything
 by the drift of the machine (``ms / table_whole``: a fresh measurement of the unreduced model over
-the table's own).
+the table's own, which `replace` carries over).
 
 Graph backends (onnxruntime) time the graph tomectl exports: every probe is one chain in a single
 ONNX export (one exporter run instead of dozens), each probe's subgraph is cut out by its boundary
@@ -63,6 +63,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -122,7 +123,10 @@ class LatencyModel:
     spread: float = 0.0  # median (p90 - p10) / p50 of the probes
     seconds: float = 0.0  # how long the measurement took
     created: str = ""
-    table_whole: float = 0.0  # `whole` as the table measured it (`anchored` moves `whole`; 0: the same)
+    table_whole: float = 0.0  # `whole` as the table measured it (`anchored` moves `whole`); 0: `whole`
+
+    def __post_init__(self) -> None:
+        self.table_whole = self.table_whole or self.whole
 
     # -- interpolation --
     def _curve(self, table: dict[int, float], n: float) -> float:
@@ -179,31 +183,28 @@ class LatencyModel:
             sized = sized or r > 0
         return total
 
-    @property
+    @cached_property
     def base_raw(self) -> float:
+        """The unreduced schedule's parts (every prediction reads it: computed once per table)."""
         return self.predict_raw(next(iter(self.reduce), "tome"), [0] * self.n_layers)
-
-    @property
-    def measured_whole(self) -> float:
-        return self.table_whole or self.whole
 
     @property
     def gap(self) -> float:
         """What the whole unreduced graph took beyond the sum of its parts, in the table's ms (see the
         module doc: a constant of the model, not a share of the schedule)."""
-        return self.measured_whole - self.base_raw
+        return self.table_whole - self.base_raw
 
     def predict(self, method: str, removed: Sequence[int]) -> float:
         """Predicted whole-model latency (ms) of a schedule: its parts plus the whole graph's gap,
         scaled by the drift since the table (`anchored`)."""
-        return (self.predict_raw(method, removed) + self.gap) * self.whole / self.measured_whole
+        return (self.predict_raw(method, removed) + self.gap) * self.whole / self.table_whole
 
     def anchored(self, whole_ms: float) -> "LatencyModel":
         """The same model, anchored on a fresh measurement of the unreduced model (the machine drifts
         between the table's measurement and now; the parts' ratios hold)."""
         from dataclasses import replace
 
-        return replace(self, whole=whole_ms, table_whole=self.measured_whole)
+        return replace(self, whole=whole_ms)
 
     # -- (de)serialisation --
     def to_dict(self) -> dict:
@@ -419,10 +420,11 @@ def latency_model(model_name: str, backend: str = "ort", *, precision: str = "fp
     if progress:
         progress("latency model", 0, 1)
     t0 = time.perf_counter()
-    res = (worker or _run_worker)(spec)
+    run = worker or _run_worker
+    res = run(spec)
     if "error" not in res and res.get("spread", 0.0) > NOISY_TABLE:
         # measured through a busy spell: once more, and the quieter of the two is kept
-        again = (worker or _run_worker)(spec)
+        again = run(spec)
         if "error" not in again and again.get("spread", 0.0) < res["spread"]:
             res = again
     if "error" in res:

@@ -75,9 +75,9 @@ def _latency_sections(result: CalibrationResult) -> list[str]:
     for p, info in result.latency_model.items():
         out.append(f"- {p}: {'from the cache' if info['cached'] else 'measured for this run'} "
                    f"({info['key'].get('backend')}, batch {info['key'].get('batch')}, threads "
-                   f"{info['key'].get('threads')}; probe spread {info['probe_spread']:.1%}"
-                   + (f"; unreduced {info['whole_ms']:.2f} ms, of which {info['gap_ms']:.2f} ms beyond "
-                      "the sum of its parts, added to every schedule" if "gap_ms" in info else "") + ")")
+                   f"{info['key'].get('threads')}; probe spread {info['probe_spread']:.1%}; unreduced "
+                   f"{info['whole_ms']:.2f} ms, of which {info['gap_ms']:.2f} ms beyond the sum of its "
+                   "parts, added to every schedule)")
     if result.model_errors:
         out += ["", "Predicted (anchored on the unreduced model timed beside it) vs measured:", "",
                 "| method | precision | predicted ms | measured ms | error |", "|---|---|---|---|---|"]
